@@ -1,0 +1,1 @@
+"""epcfs: /sys/fs/cgroup with a simulated SGX EPC behind the misc controller."""

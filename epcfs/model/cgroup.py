@@ -1,0 +1,386 @@
+"""The cgroup v2 hierarchy: directories, controllers, process membership, and the rules
+(with the kernel's errnos) that kernel/cgroup/cgroup.c applies to them.
+
+Pure data: processes are plain pids. Finding out whether a pid exists, which thread
+group it belongs to and when it exits is the service's job; it calls move() and exit().
+"""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Iterator
+
+from .constants import INT_MAX, PAGE_COUNTER_MAX
+from .errors import KernelError
+from .memory import MemCss
+from .misc import Misc, MiscCss
+
+CONTROLLERS = ("memory", "misc")
+"""The controllers this hierarchy offers, in the kernel's subsystem order
+(cpuset cpu io memory hugetlb pids rdma misc, less the ones epcfs does not have)."""
+
+
+class Cgroup:
+    """One cgroup directory. `procs` holds the thread-group ids directly in it."""
+
+    def __init__(self, name: str, parent: Cgroup | None) -> None:
+        self.name = name
+        self.parent = parent
+        self.level = 0 if parent is None else parent.level + 1
+        self.children: dict[str, Cgroup] = {}
+        self.subtree_control: frozenset[str] = frozenset()
+        self.max_depth = INT_MAX
+        self.max_descendants = INT_MAX
+        self.nr_descendants = 0
+        self.nr_dying_descendants = 0
+        self.procs: set[int] = set()
+        self.nr_procs_subtree = 0
+        self.freeze = False
+        self.dying = False
+        self.misc: MiscCss | None = None
+        self.memory: MemCss | None = None
+
+    @property
+    def path(self) -> str:
+        if self.parent is None:
+            return "/"
+        parent = self.parent.path
+        return f"{parent}{self.name}" if parent == "/" else f"{parent}/{self.name}"
+
+    @property
+    def is_root(self) -> bool:
+        return self.parent is None
+
+    @property
+    def populated(self) -> bool:
+        return self.nr_procs_subtree > 0
+
+    @property
+    def frozen(self) -> bool:
+        """Effective freeze: set here or on any ancestor (cgroup.events `frozen`)."""
+        cg: Cgroup | None = self
+        while cg is not None:
+            if cg.freeze:
+                return True
+            cg = cg.parent
+        return False
+
+    @property
+    def controllers(self) -> frozenset[str]:
+        """cgroup.controllers: everything at the root, the parent's subtree_control below."""
+        return frozenset(CONTROLLERS) if self.parent is None else self.parent.subtree_control
+
+    def ancestors(self) -> Iterator[Cgroup]:
+        """This cgroup and every ancestor, nearest first."""
+        cg: Cgroup | None = self
+        while cg is not None:
+            yield cg
+            cg = cg.parent
+
+    def walk(self) -> Iterator[Cgroup]:
+        """This cgroup and its live descendants, pre-order."""
+        yield self
+        for child in self.children.values():
+            yield from child.walk()
+
+    def effective_misc(self) -> MiscCss:
+        """The css misc charges go to: the nearest cgroup where misc is enabled."""
+        for cg in self.ancestors():
+            if cg.misc is not None:
+                return cg.misc
+        raise AssertionError("the root always has a misc css")
+
+    def effective_memory(self) -> MemCss:
+        """The memcg memory charges go to: the nearest cgroup where memory is enabled."""
+        for cg in self.ancestors():
+            if cg.memory is not None:
+                return cg.memory
+        raise AssertionError("the root always has a memcg")
+
+
+def sorted_controllers(names: frozenset[str] | set[str]) -> list[str]:
+    """Controllers in the kernel's print order."""
+    return [c for c in CONTROLLERS if c in names]
+
+
+class Hierarchy:
+    """The whole tree, the misc controller's capacities and the pid → cgroup map.
+
+    Memory OOM decisions land in `oom_kills`: pids the service must SIGKILL (the model
+    does no I/O). `oom_victims` are pids killed but not yet seen to exit; while one of
+    them is in an OOM-ing memcg, the kernel's OOM killer waits instead of killing more.
+    """
+
+    def __init__(self, misc_capacity: dict[str, int] | None = None) -> None:
+        self.root = Cgroup("", None)
+        self.misc = Misc(misc_capacity)
+        self.root.misc = MiscCss(self.root, None)
+        self.root.memory = MemCss(self.root, None)
+        self.procs: dict[int, Cgroup] = {}
+        self.proc_memory: dict[int, int] = {}
+        self.oom_kills: list[int] = []
+        self.oom_victims: set[int] = set()
+        self.dying: set[Cgroup] = set()
+        self.lingering: set[MiscCss | MemCss] = set()
+
+    # -- lookup --------------------------------------------------------------------
+
+    def lookup(self, path: str) -> Cgroup:
+        """The live cgroup at `path` ("/" or "/a/b"); ENOENT if there is none."""
+        cg = self.root
+        for part in path.strip("/").split("/"):
+            if not part:
+                continue
+            try:
+                cg = cg.children[part]
+            except KeyError:
+                raise KernelError(errno.ENOENT, path) from None
+        return cg
+
+    # -- mkdir / rmdir -------------------------------------------------------------
+
+    def mkdir(self, parent: Cgroup, name: str) -> Cgroup:
+        """cgroup_mkdir: EINVAL for a newline, EAGAIN past a limit, then EEXIST."""
+        if "\n" in name:
+            raise KernelError(errno.EINVAL, "newline in cgroup name")
+        self._check_alive(parent)
+        level = 1
+        for cg in parent.ancestors():
+            if cg.nr_descendants >= cg.max_descendants or level > cg.max_depth:
+                raise KernelError(errno.EAGAIN, f"hierarchy limit at {cg.path}")
+            level += 1
+        if name in parent.children:
+            raise KernelError(errno.EEXIST, name)
+        child = Cgroup(name, parent)
+        parent.children[name] = child
+        for cg in parent.ancestors():
+            cg.nr_descendants += 1
+        for controller in parent.subtree_control:
+            self._css_online(child, controller)
+        return child
+
+    def rmdir(self, cg: Cgroup) -> None:
+        """cgroup_destroy_locked: EBUSY while populated or with live children.
+
+        What is still charged keeps the cgroup as a dying descendant until it is freed.
+        """
+        if cg.is_root:
+            raise KernelError(errno.EBUSY, "root")
+        self._check_alive(cg)
+        if cg.populated or cg.children:
+            raise KernelError(errno.EBUSY, f"{cg.path} in use")
+        del cg.parent.children[cg.name]
+        cg.dying = True
+        for above in cg.parent.ancestors():
+            above.nr_descendants -= 1
+            above.nr_dying_descendants += 1
+        self.dying.add(cg)
+        for controller in CONTROLLERS:
+            self._css_offline(cg, controller)
+        self._maybe_release(cg)
+
+    # -- controllers ---------------------------------------------------------------
+
+    def write_subtree_control(self, cg: Cgroup, text: str) -> None:
+        """cgroup_subtree_control_write, token rules and errnos in the kernel's order."""
+        enable: set[str] = set()
+        disable: set[str] = set()
+        for tok in text.strip().split(" "):
+            if not tok:
+                continue
+            if tok[1:] not in CONTROLLERS or tok[0] not in "+-":
+                raise KernelError(errno.EINVAL, f"bad token {tok!r}")
+            (enable if tok[0] == "+" else disable).add(tok[1:])
+            (disable if tok[0] == "+" else enable).discard(tok[1:])
+        self._check_alive(cg)
+        for name in CONTROLLERS:
+            if name in enable:
+                if name in cg.subtree_control:
+                    enable.discard(name)
+                elif name not in cg.controllers:
+                    raise KernelError(errno.ENOENT, f"{name} not in cgroup.controllers")
+            elif name in disable:
+                if name not in cg.subtree_control:
+                    disable.discard(name)
+                elif any(name in child.subtree_control for child in cg.children.values()):
+                    raise KernelError(errno.EBUSY, f"a child of {cg.path} enables {name}")
+        if not enable and not disable:
+            return
+        if enable and not cg.is_root and cg.procs:
+            raise KernelError(errno.EBUSY, f"{cg.path} has processes")
+        cg.subtree_control = (cg.subtree_control | enable) - disable
+        for child in cg.children.values():
+            for name in enable:
+                self._css_online(child, name)
+            for name in disable:
+                self._css_offline(child, name)
+                self._maybe_release(child)
+
+    def _css_online(self, cg: Cgroup, controller: str) -> None:
+        if controller == "misc":
+            cg.misc = MiscCss(cg, cg.parent.misc)
+        else:
+            cg.memory = MemCss(cg, cg.parent.memory)
+
+    def _css_offline(self, cg: Cgroup, controller: str) -> None:
+        """Kill the css: it stays reachable from what is charged to it until released."""
+        css = cg.misc if controller == "misc" else cg.memory
+        if css is None:
+            return
+        css.dead = True
+        if controller == "misc":
+            cg.misc = None
+        else:
+            cg.memory = None
+        if css.idle():
+            self._unlink(css)
+        else:
+            self.lingering.add(css)
+
+    def _unlink(self, css: MiscCss | MemCss) -> None:
+        if isinstance(css, MiscCss):
+            css.parent.children.remove(css)
+
+    def _css_released(self, css: MiscCss | MemCss) -> None:
+        """A dead css was uncharged to zero: unlink it and maybe free its dying cgroup."""
+        self.lingering.discard(css)
+        self._unlink(css)
+        self._maybe_release(css.cgroup)
+
+    def _maybe_release(self, cg: Cgroup) -> None:
+        if cg not in self.dying or any(css.cgroup is cg for css in self.lingering):
+            return
+        self.dying.discard(cg)
+        for above in cg.parent.ancestors():
+            above.nr_dying_descendants -= 1
+
+    # -- misc charging -------------------------------------------------------------
+
+    def misc_uncharge(self, name: str, css: MiscCss, amount: int) -> None:
+        self.misc.uncharge(name, css, amount)
+        if css.dead and css.idle():
+            self._css_released(css)
+
+    # -- limits --------------------------------------------------------------------
+
+    def set_max_depth(self, cg: Cgroup, value: int) -> None:
+        self._check_alive(cg)
+        cg.max_depth = value
+
+    def set_max_descendants(self, cg: Cgroup, value: int) -> None:
+        self._check_alive(cg)
+        cg.max_descendants = value
+
+    # -- processes -----------------------------------------------------------------
+
+    def move(self, pid: int, dst: Cgroup) -> None:
+        """Attach a whole thread group to `dst` (cgroup_migrate_vet_dst's EBUSY rule).
+
+        Charges already made stay with the css that was charged, as in the kernel.
+        """
+        self._check_alive(dst)
+        if not dst.is_root and dst.subtree_control:
+            raise KernelError(errno.EBUSY, f"{dst.path} enables controllers (no internal processes)")
+        src = self.procs.get(pid)
+        if src is dst:
+            return
+        if src is not None:
+            self._leave(pid, src)
+        self.procs[pid] = dst
+        dst.procs.add(pid)
+        for cg in dst.ancestors():
+            cg.nr_procs_subtree += 1
+
+    def exit(self, pid: int) -> None:
+        """A tracked process has exited: forget it (and any OOM verdict against it)."""
+        cg = self.procs.pop(pid, None)
+        if cg is not None:
+            self._leave(pid, cg)
+        self.oom_victims.discard(pid)
+        self.proc_memory.pop(pid, None)
+
+    def _leave(self, pid: int, cg: Cgroup) -> None:
+        cg.procs.discard(pid)
+        for above in cg.ancestors():
+            above.nr_procs_subtree -= 1
+
+    def cgroup_of(self, pid: int) -> Cgroup:
+        """The cgroup a tracked pid is in; untracked pids are in the root."""
+        return self.procs.get(pid, self.root)
+
+    def kill_targets(self, cg: Cgroup) -> list[int]:
+        """cgroup.kill: every process in the subtree."""
+        return [pid for sub in cg.walk() for pid in sub.procs]
+
+    # -- memory charging and the OOM killer ----------------------------------------
+
+    def memory_try_charge(self, css: MemCss, pages: int, owner: int | None,
+                          current: int | None) -> bool:
+        """try_charge_memcg for pages nothing can reclaim (shmem without swap).
+
+        `owner` is the process the pages are attributed to (the OOM killer's badness),
+        `current` the task doing the charge (None for ksgxd and the async workers).
+        Returns True if charged. Over a limit: a `max` event at the limiting level, then
+        its OOM killer picks the process of that memcg's subtree holding the most memory.
+        If that victim is `current` the charge is forced (a dying task bypasses the
+        limit); otherwise it fails and the caller backs off. While an earlier victim has
+        not exited yet no new one is picked (the kernel waits for it instead).
+        """
+        over = css.over_limit(pages) if not css.is_root else None
+        if over is not None:
+            over.event("max")
+            self._oom(over)
+            if current is None or current not in self.oom_victims:
+                return False
+        css.commit(pages)
+        if owner is not None:
+            self.proc_memory[owner] = self.proc_memory.get(owner, 0) + pages
+        return True
+
+    def memory_uncharge(self, css: MemCss, pages: int, owner: int | None) -> None:
+        css.uncharge(pages)
+        if owner in self.proc_memory:
+            self.proc_memory[owner] -= pages
+            if not self.proc_memory[owner]:
+                del self.proc_memory[owner]
+        if css.dead and css.idle():
+            self._css_released(css)
+
+    def _oom(self, memcg: MemCss) -> None:
+        """mem_cgroup_out_of_memory: count the OOM, queue one victim for SIGKILL."""
+        memcg.event("oom")
+        victim = self._oom_pick(memcg.cgroup)
+        if victim is not None:
+            self.oom_victims.add(victim)
+            self.oom_kills.append(victim)
+            self.cgroup_of(victim).effective_memory().event("oom_kill")
+
+    def _oom_pick(self, scope: Cgroup) -> int | None:
+        """The OOM victim in `scope`'s subtree, or None while an earlier one is exiting."""
+        candidates = [pid for cg in scope.walk() for pid in cg.procs]
+        if any(pid in self.oom_victims for pid in candidates):
+            return None
+        candidates = [pid for pid in candidates if pid not in self.oom_victims]
+        if not candidates:
+            return None
+        return max(candidates, key=lambda pid: (self.proc_memory.get(pid, 0), -pid))
+
+    def set_memory_max(self, css: MemCss, pages: int) -> None:
+        """memory.max write: store it, and if usage is above it, OOM-kill in that memcg.
+
+        The kernel loops reclaim → OOM kill until usage fits. Nothing epcfs charges is
+        reclaimable, so one victim is queued now; the service calls enforce_memory_max
+        again after each exit, which continues the loop.
+        """
+        css.max = min(pages, PAGE_COUNTER_MAX)
+        self.enforce_memory_max(css)
+
+    def enforce_memory_max(self, css: MemCss) -> None:
+        if not css.dead and css.usage > css.max:
+            self._oom(css)
+
+    # -- helpers -------------------------------------------------------------------
+
+    def _check_alive(self, cg: Cgroup) -> None:
+        if cg.dying:
+            raise KernelError(errno.ENODEV, f"{cg.path} was removed")
