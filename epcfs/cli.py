@@ -1,0 +1,39 @@
+"""`epcfs`: one entry point, one module per subcommand.
+
+Each subcommand module provides `add_arguments(parser)` and `run(args) -> int`; adding a
+subcommand is adding a row to SUBCOMMANDS. Subcommand modules keep heavy imports
+(pyfuse3, trio) inside run(), so building the parser stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+SUBCOMMANDS = (
+    # name, module, one-line help
+    ("mount", "epcfs.service.daemon", "serve the cgroup filesystem at MOUNTPOINT"),
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="epcfs",
+        description="A cgroup v2 filesystem whose misc controller carries a simulated SGX EPC.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, module, summary in SUBCOMMANDS:
+        p = sub.add_parser(name, help=summary, description=summary)
+        p.set_defaults(module=module)
+        importlib.import_module(module).add_arguments(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return importlib.import_module(args.module).run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

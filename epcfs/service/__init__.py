@@ -1,0 +1,1 @@
+"""The trio side: the daemon, the reclaimers, the enclave server, process tracking."""

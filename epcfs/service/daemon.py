@@ -1,0 +1,174 @@
+"""`epcfs mount`: the daemon. One trio nursery holds the FUSE loop and every service task.
+
+Like other FUSE daemons (sshfs, s3ql's mount.s3ql), it detaches by default and the
+command returns once the mount answers; -f/--foreground keeps it attached (systemd, tests).
+Readiness is "a stat of misc.capacity through the mount succeeded": only then does the
+parent return, or does systemd get READY=1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import logging
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+
+from ..units import parse_size
+
+log = logging.getLogger("epcfs")
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+"""Each of these unmounts cleanly and exits 0."""
+
+DEFAULT_CAPACITY = 128 << 20
+"""128 MiB of EPC: what many SGX1 client parts shipped with, and quick to simulate."""
+
+
+@dataclass
+class MountConfig:
+    mountpoint: str
+    capacity: int = DEFAULT_CAPACITY
+    foreground: bool = False
+    debug: bool = False
+    fuse_debug: bool = False
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("mountpoint", metavar="MOUNTPOINT", help="directory to mount on")
+    p.add_argument("--capacity", type=parse_size, default=DEFAULT_CAPACITY, metavar="SIZE",
+                   help="total EPC size, with K/M/G suffix (default 128M)")
+    p.add_argument("-f", "--foreground", action="store_true",
+                   help="stay attached to the terminal instead of detaching once mounted")
+    p.add_argument("-d", "--debug", action="store_true", help="log every request (implies -f)")
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = MountConfig(
+        mountpoint=os.path.abspath(args.mountpoint),
+        capacity=args.capacity,
+        foreground=args.foreground or args.debug,
+        debug=args.debug,
+    )
+    logging.basicConfig(
+        level=logging.DEBUG if cfg.debug else logging.INFO,
+        format="epcfs[%(process)d] %(levelname)s %(name)s: %(message)s",
+    )
+    if not os.path.isdir(cfg.mountpoint):
+        print(f"epcfs: {cfg.mountpoint}: not a directory", file=sys.stderr)
+        return 1
+    clear_stale_mount(cfg.mountpoint)
+    if cfg.foreground:
+        return serve(cfg, ready=notify_systemd)
+    return detach_and_serve(cfg)
+
+
+def clear_stale_mount(mountpoint: str) -> None:
+    """A daemon killed with SIGKILL leaves a mount that answers ENOTCONN: lift it first.
+
+    statvfs, not stat: the kernel may answer stat from its attribute cache even after the
+    connection died, while statfs always reaches the (dead) daemon.
+    """
+    try:
+        os.statvfs(mountpoint)
+    except OSError as e:
+        if e.errno != errno.ENOTCONN:
+            raise
+        log.info("clearing stale mount at %s", mountpoint)
+        subprocess.run(["fusermount3", "-u", "-z", mountpoint], check=False)
+
+
+def detach_and_serve(cfg: MountConfig) -> int:
+    """Fork; the child serves, the parent exits 0 once the child says the mount answers."""
+    rfd, wfd = os.pipe()
+    pid = os.fork()
+    if pid:
+        os.close(wfd)
+        with os.fdopen(rfd, "rb") as r:
+            ok = r.read(1) == b"1"
+        if not ok:
+            _, status = os.waitpid(pid, 0)
+            return os.waitstatus_to_exitcode(status) or 1
+        return 0
+    os.close(rfd)
+    os.setsid()
+    devnull = os.open(os.devnull, os.O_RDWR)
+    os.dup2(devnull, 0)
+    os.dup2(devnull, 1)
+    os.close(devnull)
+
+    def ready() -> None:
+        os.write(wfd, b"1")
+        os.close(wfd)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
+
+    os._exit(serve(cfg, ready))
+
+
+def notify_systemd() -> None:
+    """sd_notify(READY=1) when started by systemd with Type=notify; a no-op otherwise."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    import socket
+
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+        s.connect(address)
+        s.sendall(f"READY=1\nMAINPID={os.getpid()}\n".encode())
+
+
+def serve(cfg: MountConfig, ready) -> int:
+    """Mount, run every task until SIGTERM/SIGINT or an unmount, then unmount cleanly."""
+    import pyfuse3
+    import trio
+
+    from ..fs.cftype import Context
+    from ..fs.ops import CgroupFs
+    from ..model.cgroup import Hierarchy
+
+    hierarchy = Hierarchy({"sgx_epc": cfg.capacity})
+    fs = CgroupFs(Context(hierarchy))
+    options = set(pyfuse3.default_options)
+    options |= {"fsname=epcfs", "subtype=epcfs", "allow_other"}
+    if cfg.fuse_debug:
+        options.add("debug")
+    pyfuse3.init(fs, cfg.mountpoint, options)
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_signals, nursery)
+            nursery.start_soon(_announce_ready, cfg.mountpoint, ready)
+            await pyfuse3.main()
+            nursery.cancel_scope.cancel()
+
+    async def _signals(nursery: trio.Nursery) -> None:
+        with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
+            async for signum in signals:
+                log.info("signal %d: unmounting", signum)
+                pyfuse3.terminate()
+
+    status = 0
+    try:
+        trio.run(main)
+    except BaseException:
+        log.exception("daemon failed")
+        status = 1
+    finally:
+        # A second SIGTERM (systemd, `timeout`, an impatient user) must not kill us
+        # between leaving the loop and unmounting: that would leave a dead mount.
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, signal.SIG_IGN)
+        pyfuse3.close(unmount=True)
+    return status
+
+
+async def _announce_ready(mountpoint: str, ready) -> None:
+    import trio
+
+    await trio.to_thread.run_sync(os.stat, os.path.join(mountpoint, "misc.capacity"))
+    ready()

@@ -1,0 +1,1 @@
+"""Stand-ins for user-space tools: the simulated test_sgx."""

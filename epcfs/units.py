@@ -1,0 +1,15 @@
+"""Size arguments on the command line: bytes with an optional K/M/G/T suffix (powers of 1024)."""
+
+import argparse
+
+_SHIFTS = {"": 0, "K": 10, "M": 20, "G": 30, "T": 40}
+
+
+def parse_size(text: str) -> int:
+    """`128M` -> 134217728; for argparse `type=`, so errors are argparse errors."""
+    s = text.strip().upper().removesuffix("B").removesuffix("I")
+    unit = s[-1:] if s[-1:] in _SHIFTS else ""
+    number = s[: len(s) - len(unit)]
+    if not number.isdigit():
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (use e.g. 4096, 64K, 128M, 4G)")
+    return int(number) << _SHIFTS[unit]

@@ -1,0 +1,89 @@
+"""Fixtures shared by every test that needs a real epcfs mount.
+
+The daemon always runs in a subprocess (never in the test process), and every mount is
+torn down whatever the test's outcome: SIGTERM, then a lazy unmount and SIGKILL if the
+daemon did not leave by itself. A test that leaves a FUSE mount behind is a bug.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+EPCFS = [sys.executable, "-m", "epcfs.cli"]
+READY_TIMEOUT = 15.0
+"""Seconds a daemon may take to answer on a loaded two-core CI machine."""
+
+
+def is_mounted(path: Path) -> bool:
+    target = os.fsencode(os.path.realpath(path))
+    with open("/proc/self/mountinfo", "rb") as f:
+        return any(line.split()[4] == target for line in f)
+
+
+class Daemon:
+    """One `epcfs mount -f` subprocess and its mountpoint."""
+
+    def __init__(self, mountpoint: Path, *args: str, env: dict[str, str] | None = None):
+        self.path = mountpoint
+        self.log = mountpoint.parent / f"{mountpoint.name}.log"
+        self._log = open(self.log, "wb")
+        self.proc = subprocess.Popen(
+            [*EPCFS, "mount", "-f", str(mountpoint), *args],
+            stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=REPO,
+        )
+        deadline = time.monotonic() + READY_TIMEOUT
+        while not (mountpoint / "misc.capacity").exists():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"epcfs did not come up:\n{self.log.read_text()}")
+            time.sleep(0.02)
+
+    def stop(self) -> int | None:
+        """SIGTERM and wait; anything left is forced away. Returns the exit status."""
+        status = None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                status = self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        else:
+            status = self.proc.returncode
+        if is_mounted(self.path):
+            subprocess.run(["fusermount3", "-u", "-z", str(self.path)], check=False)
+        self._log.close()
+        return status
+
+
+@pytest.fixture
+def mount_epcfs(tmp_path: Path) -> Iterator:
+    """Factory: `mount_epcfs(*args)` starts a daemon on a fresh directory and returns it."""
+    daemons: list[Daemon] = []
+
+    def start(*args: str, env: dict[str, str] | None = None) -> Daemon:
+        mp = tmp_path / f"mnt{len(daemons)}"
+        mp.mkdir()
+        daemon = Daemon(mp, *args, env=env)
+        daemons.append(daemon)
+        return daemon
+
+    yield start
+    for daemon in daemons:
+        daemon.stop()
+        assert not is_mounted(daemon.path), f"{daemon.path} still mounted"
+
+
+@pytest.fixture
+def cgroupfs(mount_epcfs) -> Path:
+    """A mounted epcfs with default options; the path of its root."""
+    return mount_epcfs().path
