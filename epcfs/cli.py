@@ -14,6 +14,7 @@ import sys
 SUBCOMMANDS = (
     # name, module, one-line help
     ("mount", "epcfs.service.daemon", "serve the cgroup filesystem at MOUNTPOINT"),
+    ("run", "epcfs.tools.run", "run a command where /sys/fs/cgroup is epcfs"),
 )
 
 

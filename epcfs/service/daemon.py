@@ -39,20 +39,29 @@ class MountConfig:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("mountpoint", metavar="MOUNTPOINT", help="directory to mount on")
-    p.add_argument("--capacity", type=parse_size, default=DEFAULT_CAPACITY, metavar="SIZE",
-                   help="total EPC size, with K/M/G suffix (default 128M)")
     p.add_argument("-f", "--foreground", action="store_true",
                    help="stay attached to the terminal instead of detaching once mounted")
     p.add_argument("-d", "--debug", action="store_true", help="log every request (implies -f)")
+    add_mount_options(p)
+
+
+def add_mount_options(p: argparse.ArgumentParser) -> None:
+    """What the simulated machine looks like; shared by mount, run and selftest."""
+    p.add_argument("--capacity", type=parse_size, default=DEFAULT_CAPACITY, metavar="SIZE",
+                   help="total EPC size, with K/M/G suffix (default 128M)")
+
+
+def config_from_args(args: argparse.Namespace, mountpoint: str) -> MountConfig:
+    return MountConfig(
+        mountpoint=os.path.abspath(mountpoint),
+        capacity=args.capacity,
+        foreground=getattr(args, "foreground", False) or getattr(args, "debug", False),
+        debug=getattr(args, "debug", False),
+    )
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = MountConfig(
-        mountpoint=os.path.abspath(args.mountpoint),
-        capacity=args.capacity,
-        foreground=args.foreground or args.debug,
-        debug=args.debug,
-    )
+    cfg = config_from_args(args, args.mountpoint)
     logging.basicConfig(
         level=logging.DEBUG if cfg.debug else logging.INFO,
         format="epcfs[%(process)d] %(levelname)s %(name)s: %(message)s",
@@ -60,10 +69,15 @@ def run(args: argparse.Namespace) -> int:
     if not os.path.isdir(cfg.mountpoint):
         print(f"epcfs: {cfg.mountpoint}: not a directory", file=sys.stderr)
         return 1
-    clear_stale_mount(cfg.mountpoint)
     if cfg.foreground:
+        clear_stale_mount(cfg.mountpoint)
         return serve(cfg, ready=notify_systemd)
-    return detach_and_serve(cfg)
+    try:
+        start_detached(cfg)
+    except RuntimeError as e:
+        print(f"epcfs: {e}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def clear_stale_mount(mountpoint: str) -> None:
@@ -81,8 +95,13 @@ def clear_stale_mount(mountpoint: str) -> None:
         subprocess.run(["fusermount3", "-u", "-z", mountpoint], check=False)
 
 
-def detach_and_serve(cfg: MountConfig) -> int:
-    """Fork; the child serves, the parent exits 0 once the child says the mount answers."""
+def start_detached(cfg: MountConfig) -> int:
+    """Fork a daemon and return its pid once the mount answers.
+
+    The child detaches (new session, stdio on /dev/null once ready) and serves until
+    SIGTERM; the caller learns of a failed start as RuntimeError with the exit status.
+    """
+    clear_stale_mount(cfg.mountpoint)
     rfd, wfd = os.pipe()
     pid = os.fork()
     if pid:
@@ -91,8 +110,8 @@ def detach_and_serve(cfg: MountConfig) -> int:
             ok = r.read(1) == b"1"
         if not ok:
             _, status = os.waitpid(pid, 0)
-            return os.waitstatus_to_exitcode(status) or 1
-        return 0
+            raise RuntimeError(f"daemon exited with status {os.waitstatus_to_exitcode(status)}")
+        return pid
     os.close(rfd)
     os.setsid()
     devnull = os.open(os.devnull, os.O_RDWR)
@@ -103,7 +122,8 @@ def detach_and_serve(cfg: MountConfig) -> int:
     def ready() -> None:
         os.write(wfd, b"1")
         os.close(wfd)
-        os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
+        if not cfg.debug:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
 
     os._exit(serve(cfg, ready))
 
