@@ -15,6 +15,7 @@ SUBCOMMANDS = (
     # name, module, one-line help
     ("mount", "epcfs.service.daemon", "serve the cgroup filesystem at MOUNTPOINT"),
     ("run", "epcfs.tools.run", "run a command where /sys/fs/cgroup is epcfs"),
+    ("selftest", "epcfs.tools.selftest", "run a kernel tree's run_epc_cg_selftests.sh unchanged"),
 )
 
 

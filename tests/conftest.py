@@ -35,7 +35,7 @@ class Daemon:
     def __init__(self, mountpoint: Path, *args: str, env: dict[str, str] | None = None):
         self.path = mountpoint
         self.log = mountpoint.parent / f"{mountpoint.name}.log"
-        self._log = open(self.log, "wb")
+        self._log = open(self.log, "wb")  # noqa: SIM115 (closed in stop())
         self.proc = subprocess.Popen(
             [*EPCFS, "mount", "-f", str(mountpoint), *args],
             stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=REPO,
@@ -87,3 +87,22 @@ def mount_epcfs(tmp_path: Path) -> Iterator:
 def cgroupfs(mount_epcfs) -> Path:
     """A mounted epcfs with default options; the path of its root."""
     return mount_epcfs().path
+
+
+@pytest.fixture(scope="session")
+def shared_epcfs(tmp_path_factory) -> Iterator[Daemon]:
+    """One daemon for a whole session, for tests that only need cgroups of their own
+    under its root (see tests/fs/conftest.py's `cg`). Its root enables memory and misc
+    for its children; tests must not change root state. Unmounted at session end, when
+    its log must show no unexpected handler failure."""
+    mp = tmp_path_factory.mktemp("shared") / "mnt"
+    mp.mkdir()
+    daemon = Daemon(mp)
+    try:
+        (mp / "cgroup.subtree_control").write_text("+memory +misc\n")
+        yield daemon
+    finally:
+        daemon.stop()
+        assert not is_mounted(mp), f"{mp} still mounted"
+        log = daemon.log.read_text()
+        assert "Traceback" not in log, f"a handler failed unexpectedly:\n{log}"

@@ -1,14 +1,25 @@
 """pyfuse3 Operations serving the hierarchy through the interface-file tables.
 
 Nothing here knows any single file: a directory is a cgroup, a file is a (cgroup, CfType)
-pair, and its contents are whatever the row's show() renders. Contents are rendered at
-open into a per-handle snapshot, so chunked reads are consistent, and files are
-direct_io so no stale page cache survives a change.
+pair, and its contents are whatever the row's show() renders. Like seq_file, a read at
+offset 0 renders afresh into a per-handle buffer and later offsets continue from it, so
+chunked reads are consistent; files are direct_io (they report size 0, as kernfs does).
+
+Attributes and entries are cached by the kernel (ENTRY_TIMEOUT): every change that makes
+a name disappear behind the kernel's back (a controller disabled on the parent) is
+invalidated before the write that caused it returns; names that appear are never cached
+negatively. mkdir/rmdir go through the VFS, which updates its own dentries.
+
+Every handler runs under `_guard`: a KernelError becomes that errno, anything unexpected
+becomes EIO and a log line, and the daemon keeps serving.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import functools
+import inspect
 import logging
 import os
 import stat
@@ -16,33 +27,97 @@ import time
 from dataclasses import dataclass, field
 
 import pyfuse3
+import trio
 
 from ..model.cgroup import Cgroup
-from .cftype import CfType, Context
+from ..model.constants import PAGE_SIZE
+from ..model.errors import KernelError
+from .cftype import Caller, CfType, Context
+from .core_files import CORE_FILES
+from .memory_files import MEMORY_FILES
 from .misc_files import MISC_FILES
 
 log = logging.getLogger(__name__)
 
-TABLES: tuple[tuple[CfType, ...], ...] = (MISC_FILES,)
+TABLES: tuple[tuple[CfType, ...], ...] = (CORE_FILES, MEMORY_FILES, MISC_FILES)
 """Every controller's file table; a cgroup directory lists the rows that admit it."""
 
-ENTRY_TIMEOUT = 1.0
-"""Seconds the kernel may cache a name → inode; changes we make are invalidated explicitly."""
+ENTRY_TIMEOUT = 60.0
+"""Seconds the kernel may cache names and attributes; our changes are invalidated."""
 
-DIR_MODE = stat.S_IFDIR | 0o755
+ROOT_DIR_MODE = stat.S_IFDIR | 0o555
+"""kernfs makes the cgroup2 root r-x for everyone; mkdir'd cgroups take mkdir's mode."""
+
+NO_OWNER = (0, 0)
 
 
-@dataclass
+def kernfs_name_hash(name: bytes) -> int:
+    """fs/kernfs/dir.c's kernfs_name_hash (ns NULL): directory listing order and offset."""
+    h = 0
+    for c in name:
+        h = ((h + (c << 4) + (c >> 4)) * 11) & 0xFFFFFFFFFFFFFFFF
+    h = ((h * 0x61C8864680B583EB) & 0xFFFFFFFFFFFFFFFF) >> 32  # hash_long(h, 32)
+    h &= 0x7FFFFFFF
+    if h < 2:
+        h += 2
+    return min(h, 0x7FFFFFFE)
+
+
+@dataclass(eq=False)
 class Node:
-    """An inode: a cgroup directory (cftype None) or one of its interface files."""
+    """An inode: a cgroup directory (cftype None) or one of its interface files.
+
+    `alive` drops when the name goes away (rmdir, controller disabled); the kernel may
+    still hold the inode until it forgets it.
+    """
 
     inode: int
     cgroup: Cgroup
     cftype: CfType | None
+    name: bytes
     mode: int
-    uid: int = 0
-    gid: int = 0
-    stamp: int = field(default_factory=time.time_ns)
+    uid: int
+    gid: int
+    hash: int
+    alive: bool = True
+    lookups: int = 0
+    atime_ns: int = field(default_factory=time.time_ns)
+    mtime_ns: int = 0
+    ctime_ns: int = 0
+
+    def __post_init__(self) -> None:
+        self.mtime_ns = self.ctime_ns = self.atime_ns
+
+
+@dataclass(eq=False)
+class Handle:
+    node: Node
+    caller: Caller
+    data: bytes = b""
+
+
+def _guard(fn):
+    """Map KernelError to its errno and anything unexpected to EIO (logged)."""
+    quiet = fn.__name__ in ("forget", "release", "releasedir")
+
+    @functools.wraps(fn)
+    async def handler(self, *args):
+        try:
+            return await fn(self, *args)
+        except pyfuse3.FUSEError:
+            raise
+        except KernelError as e:
+            log.debug("%s: %s", fn.__name__, e)
+            if quiet:
+                return None
+            raise pyfuse3.FUSEError(e.errno) from None
+        except Exception:
+            log.exception("%s%r failed", fn.__name__, args)
+            if quiet:
+                return None
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return handler
 
 
 class CgroupFs(pyfuse3.Operations):
@@ -50,82 +125,211 @@ class CgroupFs(pyfuse3.Operations):
 
     enable_writeback_cache = False
 
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        _guard_all(cls)
+
     def __init__(self, ctx: Context) -> None:
         super().__init__()
         self.ctx = ctx
+        ctx.may_write_procs = self._may_write_procs
         self.nodes: dict[int, Node] = {}
-        self.by_key: dict[tuple[int, str | None], Node] = {}
+        self.by_key: dict[tuple[Cgroup, str | None], Node] = {}
+        self.owners: dict[tuple[Cgroup, str | None], tuple[int, int]] = {}
         self.next_inode = pyfuse3.ROOT_INODE
-        self.handles: dict[int, bytes] = {}
+        self.handles: dict[int, Handle] = {}
         self.next_fh = 1
         self._node(ctx.hierarchy.root, None)
 
     # -- inode registry ------------------------------------------------------------
 
     def _node(self, cg: Cgroup, cft: CfType | None) -> Node:
-        key = (id(cg), cft.name if cft else None)
+        key = (cg, cft.name if cft else None)
         node = self.by_key.get(key)
         if node is None:
-            mode = DIR_MODE if cft is None else stat.S_IFREG | cft.mode
-            node = Node(self.next_inode, cg, cft, mode)
+            if cft is None:
+                name = os.fsencode(cg.name)
+                mode = ROOT_DIR_MODE if cg.is_root else stat.S_IFDIR | 0o755
+            else:
+                name = cft.name.encode()
+                mode = stat.S_IFREG | cft.mode
+            uid, gid = self.owners.get(key) or self.owners.get((cg, None), NO_OWNER)
+            node = Node(self.next_inode, cg, cft, name, mode, uid, gid, kernfs_name_hash(name))
             self.next_inode += 1
             self.nodes[node.inode] = node
             self.by_key[key] = node
         return node
 
+    def _drop(self, cg: Cgroup, name: str | None) -> Node | None:
+        """The name is gone: later lookups get a fresh inode, open handles get ENODEV."""
+        self.owners.pop((cg, name), None)
+        node = self.by_key.pop((cg, name), None)
+        if node is not None:
+            node.alive = False
+            if node.lookups <= 0:
+                self.nodes.pop(node.inode, None)
+        return node
+
     def _get(self, inode: int) -> Node:
         node = self.nodes.get(inode)
-        if node is None or node.cgroup.dying:
+        if node is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return node
+
+    def _live(self, inode: int) -> Node:
+        node = self._get(inode)
+        if not node.alive:
             raise pyfuse3.FUSEError(errno.ENOENT)
         return node
 
     def files(self, cg: Cgroup) -> list[CfType]:
         """The interface files `cg` has now, in table order."""
-        enabled = cg.controllers if not cg.is_root else None
-        return [
-            cft
-            for table in TABLES
-            for cft in table
-            if cft.where.admits(cg)
-            and (cft.controller is None or enabled is None or cft.controller in enabled)
-        ]
+        return [cft for table in TABLES for cft in table if self._has(cg, cft)]
+
+    @staticmethod
+    def _has(cg: Cgroup, cft: CfType) -> bool:
+        return cft.where.admits(cg) and (
+            cft.controller is None or cg.is_root or cft.controller in cg.parent.subtree_control)
+
+    def _file(self, cg: Cgroup, name: str) -> CfType | None:
+        for table in TABLES:
+            for cft in table:
+                if cft.name == name:
+                    return cft if self._has(cg, cft) else None
+        return None
 
     def _attr(self, node: Node) -> pyfuse3.EntryAttributes:
         attr = pyfuse3.EntryAttributes()
         attr.st_ino = node.inode
         attr.st_mode = node.mode
-        attr.st_nlink = 2 if node.cftype is None else 1
+        attr.st_nlink = 1 if node.cftype else 2 + (len(node.cgroup.children) if node.alive else 0)
         attr.st_uid = node.uid
         attr.st_gid = node.gid
         attr.st_size = 0
-        attr.st_blksize = 4096
-        attr.st_atime_ns = attr.st_mtime_ns = attr.st_ctime_ns = node.stamp
+        attr.st_blksize = PAGE_SIZE
+        attr.st_blocks = 0
+        attr.st_atime_ns = node.atime_ns
+        attr.st_mtime_ns = node.mtime_ns
+        attr.st_ctime_ns = node.ctime_ns
         attr.entry_timeout = ENTRY_TIMEOUT
         attr.attr_timeout = ENTRY_TIMEOUT
         return attr
 
+    def _entry(self, node: Node) -> pyfuse3.EntryAttributes:
+        """An attr that hands the kernel a reference (lookup, mkdir, readdirplus)."""
+        node.lookups += 1
+        return self._attr(node)
+
+    # -- permissions ---------------------------------------------------------------
+
+    def _may_write_procs(self, cg: Cgroup, caller: Caller) -> bool:
+        """inode_permission(MAY_WRITE) on cg's cgroup.procs for the caller."""
+        node = self._node(cg, self._file(cg, "cgroup.procs"))
+        mode = node.mode
+        if caller.uid == node.uid:
+            return bool(mode & stat.S_IWUSR)
+        groups = {caller.gid}
+        with contextlib.suppress(OSError):
+            groups |= pyfuse3.get_sup_groups(caller.pid)
+        if node.gid in groups:
+            return bool(mode & stat.S_IWGRP)
+        return bool(mode & stat.S_IWOTH)
+
     # -- lookup and attributes -----------------------------------------------------
 
     async def lookup(self, parent_inode, name, ctx=None):
-        parent = self._get(parent_inode)
-        text = os.fsdecode(name)
+        parent = self._live(parent_inode)
         cg = parent.cgroup
-        if text == ".":
-            return self._attr(parent)
-        if text == "..":
-            return self._attr(self._node(cg.parent or cg, None))
+        if parent.cftype is not None:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        if name == b".":
+            return self._entry(parent)
+        if name == b"..":
+            return self._entry(self._node(cg.parent or cg, None))
+        text = os.fsdecode(name)
         child = cg.children.get(text)
         if child is not None:
-            return self._attr(self._node(child, None))
-        for cft in self.files(cg):
-            if cft.name == text:
-                return self._attr(self._node(cg, cft))
-        raise pyfuse3.FUSEError(errno.ENOENT)
+            return self._entry(self._node(child, None))
+        cft = self._file(cg, text)
+        if cft is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return self._entry(self._node(cg, cft))
+
+    async def forget(self, inode_list):
+        for inode, count in inode_list:
+            node = self.nodes.get(inode)
+            if node is None:
+                continue
+            node.lookups -= count
+            if node.lookups <= 0 and not node.alive:
+                del self.nodes[inode]
 
     async def getattr(self, inode, ctx=None):
         return self._attr(self._get(inode))
 
+    async def setattr(self, inode, attr, fields, fh, ctx):
+        """chmod, chown and utimes are kept (delegation); truncation is accepted and
+        changes nothing (`echo x > file` truncates first), as kernfs does."""
+        node = self._get(inode)
+        now = time.time_ns()
+        changed = False
+        if fields.update_mode:
+            node.mode = stat.S_IFMT(node.mode) | stat.S_IMODE(attr.st_mode)
+            changed = True
+        if fields.update_uid:
+            node.uid = attr.st_uid
+            changed = True
+        if fields.update_gid:
+            node.gid = attr.st_gid
+            changed = True
+        if fields.update_atime:
+            node.atime_ns = attr.st_atime_ns
+            changed = True
+        if fields.update_mtime:
+            node.mtime_ns = attr.st_mtime_ns
+            changed = True
+        if fields.update_ctime:
+            node.ctime_ns = attr.st_ctime_ns
+        elif changed:
+            node.ctime_ns = now
+        return self._attr(node)
+
+    async def statfs(self, ctx):
+        """What cgroup2's statfs reports, less f_type (FUSE always answers its own
+        magic, 0x65735546; cgroup2's 0x63677270 cannot be carried) and f_fsid."""
+        st = pyfuse3.StatvfsData()
+        st.f_bsize = st.f_frsize = PAGE_SIZE
+        st.f_blocks = st.f_bfree = st.f_bavail = 0
+        st.f_files = st.f_ffree = st.f_favail = 0
+        st.f_namemax = 255
+        return st
+
     # -- directories ---------------------------------------------------------------
+
+    async def mkdir(self, parent_inode, name, mode, ctx):
+        parent = self._live(parent_inode)
+        if parent.cftype is not None:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        cg = self.ctx.hierarchy.mkdir(parent.cgroup, os.fsdecode(name))
+        owner = (ctx.uid, ctx.gid)
+        if owner != NO_OWNER:  # kernfs nodes get the creator's fsuid/fsgid
+            self.owners[(cg, None)] = owner
+        node = self._node(cg, None)
+        node.mode = stat.S_IFDIR | (mode & 0o7777)
+        return self._entry(node)
+
+    async def rmdir(self, parent_inode, name, ctx):
+        parent = self._live(parent_inode)
+        cg = parent.cgroup.children.get(os.fsdecode(name))
+        if cg is None:
+            if self._file(parent.cgroup, os.fsdecode(name)) is not None:
+                raise pyfuse3.FUSEError(errno.ENOTDIR)
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        self.ctx.tracker.settle()
+        self.ctx.hierarchy.rmdir(cg)
+        for key in [k for k in self.by_key if k[0] is cg]:
+            self._drop(*key)
+        self.owners.pop((cg, None), None)
 
     async def opendir(self, inode, ctx):
         node = self._get(inode)
@@ -134,40 +338,132 @@ class CgroupFs(pyfuse3.Operations):
         return inode
 
     async def readdir(self, fh, start_id, token):
+        """`.` and `..`, then children and files in kernfs order (by name hash, which is
+        also the resume offset, so entries appearing or going mid-listing are safe)."""
         node = self._get(fh)
         cg = node.cgroup
+        if start_id < 1 and not pyfuse3.readdir_reply(token, b".", self._attr(node), 1):
+            return
+        if start_id < 2:
+            parent = self._node(cg.parent or cg, None) if node.alive else node
+            if not pyfuse3.readdir_reply(token, b"..", self._attr(parent), 2):
+                return
+        if not node.alive:
+            return
         entries = [self._node(c, None) for c in cg.children.values()]
         entries += [self._node(cg, cft) for cft in self.files(cg)]
-        entries.sort(key=lambda n: n.cftype.name if n.cftype else n.cgroup.name)
-        for index, entry in enumerate(entries[start_id:], start_id + 1):
-            name = entry.cftype.name if entry.cftype else entry.cgroup.name
-            if not pyfuse3.readdir_reply(token, os.fsencode(name), self._attr(entry), index):
+        entries.sort(key=lambda n: (n.hash, n.name))
+        for entry in entries:
+            if entry.hash + 1 <= start_id:
+                continue
+            if not pyfuse3.readdir_reply(token, entry.name, self._attr(entry), entry.hash + 1):
                 break
+            entry.lookups += 1
 
     async def releasedir(self, fh):
         pass
 
+    # -- names that cannot be made ----------------------------------------------------
+
+    async def create(self, parent_inode, name, mode, flags, ctx):
+        raise pyfuse3.FUSEError(errno.EACCES)  # kernfs dirs have no ->create
+
+    async def mknod(self, parent_inode, name, mode, rdev, ctx):
+        raise pyfuse3.FUSEError(errno.EPERM)
+
+    async def symlink(self, parent_inode, name, target, ctx):
+        raise pyfuse3.FUSEError(errno.EPERM)
+
+    async def link(self, inode, new_parent_inode, new_name, ctx):
+        raise pyfuse3.FUSEError(errno.EPERM)
+
+    async def unlink(self, parent_inode, name, ctx):
+        raise pyfuse3.FUSEError(errno.EPERM)
+
+    async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
+        raise pyfuse3.FUSEError(errno.EPERM)  # cgroup2 has no kernfs ->rename
+
     # -- files ---------------------------------------------------------------------
 
     async def open(self, inode, flags, ctx):
-        node = self._get(inode)
-        cft = node.cftype
-        if cft is None:
+        node = self._live(inode)
+        if node.cftype is None:
             raise pyfuse3.FUSEError(errno.EISDIR)
-        text = cft.show(self.ctx, node.cgroup) if cft.show else ""
         fh = self.next_fh
         self.next_fh += 1
-        self.handles[fh] = text.encode()
+        self.handles[fh] = Handle(node, Caller(ctx.pid, ctx.uid, ctx.gid))
         return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False, nonseekable=False)
 
+    def _active(self, fh: int) -> Handle:
+        """kernfs_get_active: the file (and its cgroup) must still exist, else ENODEV."""
+        handle = self.handles[fh]
+        if not handle.node.alive or handle.node.cgroup.dying:
+            raise pyfuse3.FUSEError(errno.ENODEV)
+        return handle
+
     async def read(self, fh, off, size):
-        return self.handles[fh][off : off + size]
+        handle = self._active(fh)
+        cft = handle.node.cftype
+        if not cft.readable:
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        if off == 0 or not handle.data:
+            handle.data = cft.render(self.ctx, handle.node.cgroup, handle.caller).encode()
+        return handle.data[off : off + size]
+
+    async def write(self, fh, off, buf):
+        """kernfs_fop_write_iter: over a page is E2BIG; each write() is parsed whole."""
+        if len(buf) > PAGE_SIZE:
+            raise pyfuse3.FUSEError(errno.E2BIG)
+        handle = self._active(fh)
+        cft = handle.node.cftype
+        if cft.write is None:
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        cg = handle.node.cgroup
+        before = cg.subtree_control
+        # the kernel NUL-terminates the buffer and parses it as a C string
+        text = buf.decode("latin-1").split("\0", 1)[0]
+        cft.write(self.ctx, cg, text, handle.caller)
+        if cg.subtree_control != before:
+            await self._controllers_changed(cg, before, handle.caller)
+        return len(buf)
 
     async def release(self, fh):
         self.handles.pop(fh, None)
 
-    async def statfs(self, ctx):
-        st = pyfuse3.StatvfsData()
-        st.f_bsize = st.f_frsize = 4096
-        st.f_namemax = 255
-        return st
+    async def _controllers_changed(self, cg: Cgroup, before, caller: Caller) -> None:
+        """Children gained or lost controller files: new files belong to whoever enabled
+        them; vanished ones are invalidated in the kernel before the write returns."""
+        added = cg.subtree_control - before
+        removed = before - cg.subtree_control
+        gone: list[tuple[int, bytes]] = []
+        for child in cg.children.values():
+            for table in TABLES:
+                for cft in table:
+                    if cft.controller in added and cft.where.admits(child):
+                        self.owners[(child, cft.name)] = (caller.uid, caller.gid)
+                    elif cft.controller in removed:
+                        node = self._drop(child, cft.name)
+                        parent = self.by_key.get((child, None))
+                        if node is not None and parent is not None:
+                            gone.append((parent.inode, node.name))
+        if gone:
+            await trio.to_thread.run_sync(_invalidate, gone)
+
+
+def _invalidate(entries: list[tuple[int, bytes]]) -> None:
+    """In a worker thread: the kernel may need the loop to answer a lookup meanwhile."""
+    for parent, name in entries:
+        try:
+            pyfuse3.invalidate_entry(parent, name)
+        except OSError as e:
+            if e.errno != errno.ENOENT:
+                log.warning("invalidating %r in %d: %s", name, parent, e)
+
+
+def _guard_all(cls) -> None:
+    for name, fn in list(vars(cls).items()):
+        if inspect.iscoroutinefunction(fn) and not name.startswith("_"):
+            setattr(cls, name, _guard(fn))
+
+
+_guard_all(CgroupFs)

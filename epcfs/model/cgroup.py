@@ -8,7 +8,8 @@ group it belongs to and when it exits is the service's job; it calls move() and 
 from __future__ import annotations
 
 import errno
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Callable, Iterator
 
 from .constants import INT_MAX, PAGE_COUNTER_MAX
 from .errors import KernelError
@@ -122,6 +123,11 @@ class Hierarchy:
         self.oom_victims: set[int] = set()
         self.dying: set[Cgroup] = set()
         self.lingering: set[MiscCss | MemCss] = set()
+        self.declared: dict[int, Counter[MemCss]] = {}
+        """Memory each process declared (declare_memory), by the memcg it was charged to."""
+        self.misc_release_hooks: list[Callable[[MiscCss], None]] = []
+        """Called with a misc css just before it is unlinked for good (its last charge is
+        gone after offlining), like the misc_res_ops .free callback (sgx_cgroup_free)."""
 
     # -- lookup --------------------------------------------------------------------
 
@@ -239,6 +245,8 @@ class Hierarchy:
 
     def _unlink(self, css: MiscCss | MemCss) -> None:
         if isinstance(css, MiscCss):
+            for hook in self.misc_release_hooks:
+                hook(css)
             css.parent.children.remove(css)
 
     def _css_released(self, css: MiscCss | MemCss) -> None:
@@ -280,7 +288,8 @@ class Hierarchy:
         """
         self._check_alive(dst)
         if not dst.is_root and dst.subtree_control:
-            raise KernelError(errno.EBUSY, f"{dst.path} enables controllers (no internal processes)")
+            raise KernelError(errno.EBUSY,
+                              f"{dst.path} enables controllers (no internal processes)")
         src = self.procs.get(pid)
         if src is dst:
             return
@@ -296,6 +305,8 @@ class Hierarchy:
         cg = self.procs.pop(pid, None)
         if cg is not None:
             self._leave(pid, cg)
+        for css, pages in self.declared.pop(pid, {}).items():
+            self.memory_uncharge(css, pages, pid)
         self.oom_victims.discard(pid)
         self.proc_memory.pop(pid, None)
 
@@ -345,6 +356,21 @@ class Hierarchy:
                 del self.proc_memory[owner]
         if css.dead and css.idle():
             self._css_released(css)
+
+    def declare_memory(self, pid: int, pages: int) -> None:
+        """A workload process says it now holds `pages` more memory (an enclave's source
+        image, its heap mapping): charged to its memcg now, uncharged when it exits.
+
+        Over memory.max this is a page fault that found no memory: the OOM decision is
+        queued as for any charge, and ENOMEM (nothing charged) tells the service the
+        process is waiting for it, unless it is the victim itself (then the charge is
+        forced, as for a dying task).
+        """
+        css = self.cgroup_of(pid).effective_memory()
+        if not self.memory_try_charge(css, pages, owner=pid, current=pid):
+            raise KernelError(errno.ENOMEM, f"memory.max reached in {css.cgroup.path}")
+        held = self.declared.setdefault(pid, Counter())
+        held[css] += pages
 
     def _oom(self, memcg: MemCss) -> None:
         """mem_cgroup_out_of_memory: count the OOM, queue one victim for SIGKILL."""

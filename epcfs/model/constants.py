@@ -3,6 +3,8 @@
 Values follow the final SGX EPC cgroup series (v17) and upstream arch/x86/kernel/cpu/sgx.
 """
 
+from enum import IntEnum
+
 PAGE_SIZE = 4096
 """Every EPC page and every misc `sgx_epc` charge is exactly one x86 page."""
 
@@ -44,3 +46,22 @@ PCMD_SIZE = 128
 
 PCMDS_PER_PAGE = PAGE_SIZE // PCMD_SIZE
 """32 evicted pages share one backing page of PCMD."""
+
+SGX_EPC = "sgx_epc"
+"""The misc resource name EPC pages are charged to (MISC_CG_RES_SGX_EPC)."""
+
+SGX_EEXTENDS_PER_PAGE = PAGE_SIZE // SGX_EEXTEND_BLOCK_SIZE
+"""EEXTEND leaves one measured page costs (16)."""
+
+PCMD_FIRST_MASK = PCMDS_PER_PAGE - 1
+"""Page indices that share a PCMD page differ only in these low bits (the kernel's mask)."""
+
+
+class SgxPageType(IntEnum):
+    """EPCM page types (enum sgx_page_type): what a page is to the hardware."""
+
+    SECS = 0
+    TCS = 1
+    REG = 2
+    VA = 3
+    TRIM = 4

@@ -27,7 +27,7 @@ class MemCss:
     """
 
     __slots__ = ("cgroup", "parent", "usage", "max", "swap_max", "watermark", "events",
-                 "events_local", "dead", "is_root")
+                 "events_local", "dead", "is_root", "local_watermark")
 
     def __init__(self, cgroup: Cgroup, parent: MemCss | None) -> None:
         self.cgroup = cgroup
@@ -37,6 +37,8 @@ class MemCss:
         self.max = PAGE_COUNTER_MAX
         self.swap_max = PAGE_COUNTER_MAX
         self.watermark = 0
+        self.local_watermark = 0
+        """Peak since the last memory.peak write (page_counter.local_watermark, 6.12+)."""
         self.events = dict.fromkeys(MEMCG_EVENTS, 0)
         self.events_local = dict.fromkeys(MEMCG_EVENTS, 0)
         self.dead = False
@@ -69,6 +71,7 @@ class MemCss:
         for level in self.ancestors():
             level.usage += pages
             level.watermark = max(level.watermark, level.usage)
+            level.local_watermark = max(level.local_watermark, level.usage)
 
     def uncharge(self, pages: int) -> None:
         for level in self.ancestors():

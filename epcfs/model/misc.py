@@ -94,11 +94,16 @@ class Misc:
             if res.usage > res.max or res.usage > self.capacity[name]:
                 for r in charged:
                     r.usage -= amount
-                res.events_local += 1
-                for above in level.ancestors():
-                    above.res[name].events += 1
+                self.count_failure(name, level)
                 raise KernelError(errno.EBUSY, f"{name} over limit at {level.cgroup.path}")
             res.watermark = max(res.watermark, res.usage)
+
+    def count_failure(self, name: str, level: MiscCss, times: int = 1) -> None:
+        """The events of `times` charges that failed at `level`: events.local there,
+        events there and in every ancestor (the bulk EPC path counts many at once)."""
+        level.res[name].events_local += times
+        for above in level.ancestors():
+            above.res[name].events += times
 
     def uncharge(self, name: str, css: MiscCss, amount: int) -> None:
         """misc_cg_uncharge: no checks, every level down by `amount`."""

@@ -9,6 +9,7 @@ parent return, or does systemd get READY=1.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import logging
 import os
@@ -32,6 +33,8 @@ DEFAULT_CAPACITY = 128 << 20
 class MountConfig:
     mountpoint: str
     capacity: int = DEFAULT_CAPACITY
+    sections: list[tuple[int, int]] | None = None
+    """EPC sections as (NUMA node, bytes); None: one section of `capacity` on node 0."""
     foreground: bool = False
     debug: bool = False
     fuse_debug: bool = False
@@ -47,14 +50,47 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def add_mount_options(p: argparse.ArgumentParser) -> None:
     """What the simulated machine looks like; shared by mount, run and selftest."""
-    p.add_argument("--capacity", type=parse_size, default=DEFAULT_CAPACITY, metavar="SIZE",
-                   help="total EPC size, with K/M/G suffix (default 128M)")
+    p.add_argument("--capacity", type=parse_size, default=None, metavar="SIZE",
+                   help="total EPC size, with K/M/G suffix (default 128M), as one section "
+                        "on node 0")
+    p.add_argument("--epc-section", type=parse_section, action="append", default=None,
+                   metavar="NODE:SIZE", dest="epc_sections",
+                   help="an EPC section of SIZE bytes on NUMA node NODE (repeatable, at most "
+                        "8); the capacity is their sum")
+
+
+def parse_section(text: str) -> tuple[int, int]:
+    """`NODE:SIZE` -> (node, bytes): a whole number of 4 KiB pages, at least one."""
+    node, colon, size = text.partition(":")
+    if not colon or not node.isdigit():
+        raise argparse.ArgumentTypeError(f"not NODE:SIZE: {text!r} (e.g. 0:64M)")
+    nbytes = parse_size(size)
+    if nbytes <= 0 or nbytes % 4096:
+        raise argparse.ArgumentTypeError(f"section size must be a positive multiple of 4K: "
+                                         f"{text!r}")
+    return int(node), nbytes
+
+
+def _capacity(args: argparse.Namespace) -> tuple[int, list[tuple[int, int]] | None]:
+    sections = getattr(args, "epc_sections", None)
+    capacity = getattr(args, "capacity", None)
+    if not sections:
+        return (DEFAULT_CAPACITY if capacity is None else capacity), None
+    if len(sections) > 8:  # SGX_MAX_EPC_SECTIONS
+        raise SystemExit("epcfs: at most 8 --epc-section options (SGX_MAX_EPC_SECTIONS)")
+    total = sum(size for _, size in sections)
+    if capacity is not None and capacity != total:
+        raise SystemExit(f"epcfs: --capacity {capacity} disagrees with the --epc-section "
+                         f"total {total}")
+    return total, sections
 
 
 def config_from_args(args: argparse.Namespace, mountpoint: str) -> MountConfig:
+    capacity, sections = _capacity(args)
     return MountConfig(
         mountpoint=os.path.abspath(mountpoint),
-        capacity=args.capacity,
+        capacity=capacity,
+        sections=sections,
         foreground=getattr(args, "foreground", False) or getattr(args, "debug", False),
         debug=getattr(args, "debug", False),
     )
@@ -66,6 +102,9 @@ def run(args: argparse.Namespace) -> int:
         level=logging.DEBUG if cfg.debug else logging.INFO,
         format="epcfs[%(process)d] %(levelname)s %(name)s: %(message)s",
     )
+    # A stale mount fails stat() once the kernel's attribute cache expires: lift it first.
+    with contextlib.suppress(OSError):
+        clear_stale_mount(cfg.mountpoint)
     if not os.path.isdir(cfg.mountpoint):
         print(f"epcfs: {cfg.mountpoint}: not a directory", file=sys.stderr)
         return 1
@@ -147,12 +186,15 @@ def serve(cfg: MountConfig, ready) -> int:
     import pyfuse3
     import trio
 
+    from ..fs import loop as fuse_loop
     from ..fs.cftype import Context
     from ..fs.ops import CgroupFs
+    from ..fs.procs import ProcessTracker
     from ..model.cgroup import Hierarchy
 
     hierarchy = Hierarchy({"sgx_epc": cfg.capacity})
-    fs = CgroupFs(Context(hierarchy))
+    tracker = ProcessTracker(hierarchy)
+    fs = CgroupFs(Context(hierarchy, tracker))
     options = set(pyfuse3.default_options)
     options |= {"fsname=epcfs", "subtype=epcfs", "allow_other"}
     if cfg.fuse_debug:
@@ -162,8 +204,13 @@ def serve(cfg: MountConfig, ready) -> int:
     async def main() -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_signals, nursery)
+            nursery.start_soon(tracker.run)
+            # -- EPC reclaimers (integrated by the lead): ksgxd and the per-cgroup async
+            #    reclaim work start here, on the EPC built from cfg.sections, e.g.
+            #    nursery.start_soon(ksgxd, epc). They share this loop with the fs: each
+            #    step must await between reclaim batches (no step holds the loop long).
             nursery.start_soon(_announce_ready, cfg.mountpoint, ready)
-            await pyfuse3.main()
+            await fuse_loop.main()
             nursery.cancel_scope.cancel()
 
     async def _signals(nursery: trio.Nursery) -> None:
@@ -184,6 +231,7 @@ def serve(cfg: MountConfig, ready) -> int:
         for signum in STOP_SIGNALS:
             signal.signal(signum, signal.SIG_IGN)
         pyfuse3.close(unmount=True)
+        tracker.close()
     return status
 
 

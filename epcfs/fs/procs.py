@@ -1,0 +1,525 @@
+"""Processes: which cgroup each one is in, as the kernel would have it.
+
+The model knows pids only; this module connects it to real processes:
+
+- `cgroup.procs` writes move a whole thread group (a thread id resolves to its Tgid).
+- Fork semantics: a process inherits its parent's cgroup at fork. The kernel's proc
+  connector (netlink, PROC_EVENT_FORK) reports every fork as it happens, so a child of a
+  process in a cgroup is registered there even if its parent exits a moment later. Where
+  the connector is unavailable (no CAP_NET_ADMIN in the initial namespaces) the tracker
+  falls back to walking PPid chains in /proc, which misses children orphaned before
+  anyone looked at them.
+- Exits are noticed with pidfds (readable once the whole thread group has exited, zombie
+  or not), collected in one epoll set: one trio task waits on it, and every read of a
+  membership-dependent file polls it first, so `cgroup.procs`, `populated` and rmdir's
+  EBUSY are exact even before that task has run.
+
+Everything that reads /proc is in `Proc`, so pid namespaces (NSpid) can be added there.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import select
+import signal
+import socket
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from ..model.cgroup import Cgroup, Hierarchy
+from ..model.errors import KernelError
+
+if TYPE_CHECKING:
+    from .cftype import Caller
+
+log = logging.getLogger(__name__)
+
+PF_NO_SETAFFINITY = 0x04000000
+"""Per-cpu kernel threads: cgroup_procs_write_start refuses to move them (EINVAL), as it
+refuses kthreadd (the one process besides init whose parent is 0)."""
+
+
+@dataclass(frozen=True)
+class ProcStatus:
+    tgid: int
+    ppid: int
+    state: str
+    threads: int
+
+
+class Proc:
+    """Every read of /proc in one place."""
+
+    def __init__(self, root: str = "/proc") -> None:
+        self.root = root
+
+    def status(self, pid: int) -> ProcStatus | None:
+        """Tgid, PPid, state and thread count of a pid or tid; None if it does not exist."""
+        try:
+            with open(f"{self.root}/{pid}/status", "rb") as f:
+                text = f.read()
+        except (FileNotFoundError, ProcessLookupError, NotADirectoryError):
+            return None
+        fields = {}
+        for line in text.split(b"\n"):
+            key, _, value = line.partition(b":")
+            if key in (b"Tgid", b"PPid", b"State", b"Threads"):
+                fields[key] = value.strip()
+        try:
+            return ProcStatus(int(fields[b"Tgid"]), int(fields[b"PPid"]),
+                              fields[b"State"][:1].decode(), int(fields.get(b"Threads", b"1")))
+        except (KeyError, ValueError):
+            return None
+
+    def stat(self, pid: int) -> tuple[str, int, int, int] | None:
+        """(state, ppid, flags, num_threads) from /proc/PID/stat; None if gone."""
+        try:
+            with open(f"{self.root}/{pid}/stat", "rb") as f:
+                text = f.read()
+        except (FileNotFoundError, ProcessLookupError, NotADirectoryError):
+            return None
+        fields = text[text.rfind(b")") + 2:].split()
+        # state ppid pgrp session tty_nr tpgid flags ... num_threads (field 20)
+        return fields[0].decode(), int(fields[1]), int(fields[6]), int(fields[17])
+
+    def pids(self) -> list[int]:
+        return [int(name) for name in os.listdir(self.root) if name.isdigit()]
+
+    def tasks(self, pid: int) -> list[int]:
+        try:
+            return sorted(int(t) for t in os.listdir(f"{self.root}/{pid}/task"))
+        except (FileNotFoundError, ProcessLookupError):
+            return []
+
+    def parents(self) -> dict[int, int]:
+        """pid -> ppid for every live process."""
+        out = {}
+        for pid in self.pids():
+            st = self.stat(pid)
+            if st is not None and not _dead(st[0], st[3]):
+                out[pid] = st[1]
+        return out
+
+
+def _dead(state: str, threads: int) -> bool:
+    """A zombie whose whole thread group has exited: not alive for cgroup purposes."""
+    return state in "ZX" and threads <= 1
+
+
+# -- proc connector (linux/cn_proc.h) ---------------------------------------------------
+
+NETLINK_CONNECTOR = 11
+CN_IDX_PROC = 1
+CN_VAL_PROC = 1
+PROC_CN_MCAST_LISTEN = 1
+PROC_EVENT_FORK = 0x00000001
+_NLMSG_HDR = struct.Struct("=IHHII")
+_CN_MSG = struct.Struct("=IIIIHH")
+_EVENT_HDR = struct.Struct("=IIQ")
+_FORK = struct.Struct("=IIII")
+
+
+class ForkEvents:
+    """PROC_EVENT_FORK from the kernel's proc connector; `drain()` never blocks."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK
+                                  | socket.SOCK_CLOEXEC, NETLINK_CONNECTOR)
+        try:
+            try:
+                self.sock.setsockopt(socket.SOL_SOCKET, 33, 8 << 20)  # SO_RCVBUFFORCE
+            except OSError:
+                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
+            self.sock.bind((0, CN_IDX_PROC))
+            op = struct.pack("=I", PROC_CN_MCAST_LISTEN)
+            cn = _CN_MSG.pack(CN_IDX_PROC, CN_VAL_PROC, 0, 0, len(op), 0) + op
+            self.sock.send(_NLMSG_HDR.pack(_NLMSG_HDR.size + len(cn), 3, 0, 0, 0) + cn)
+        except OSError:
+            self.sock.close()
+            raise
+        self.lost = False
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def drain(self) -> list[tuple[int, int]]:
+        """(parent tgid, child pid) for every new process since the last call."""
+        out = []
+        while True:
+            try:
+                data = self.sock.recv(65536)
+            except BlockingIOError:
+                return out
+            except OSError as e:
+                if e.errno == errno.ENOBUFS:
+                    self.lost = True
+                    continue
+                raise
+            offset = 0
+            while offset + _NLMSG_HDR.size <= len(data):
+                length = _NLMSG_HDR.unpack_from(data, offset)[0]
+                body = offset + _NLMSG_HDR.size + _CN_MSG.size
+                if length < _NLMSG_HDR.size or body + _EVENT_HDR.size > len(data):
+                    break
+                what = _EVENT_HDR.unpack_from(data, body)[0]
+                if what == PROC_EVENT_FORK:
+                    _, parent_tgid, child_pid, child_tgid = _FORK.unpack_from(
+                        data, body + _EVENT_HDR.size)
+                    if child_pid == child_tgid:
+                        out.append((parent_tgid, child_pid))
+                offset += (length + 3) & ~3
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+# -- the tracker ------------------------------------------------------------------------
+
+
+class ProcessTracker:
+    """pid -> cgroup for real processes, on top of Hierarchy.procs.
+
+    A pid absent from `hierarchy.procs` is in the cgroup of its nearest tracked ancestor,
+    or in the root. Pids are tracked (with a pidfd) once they are moved, inherit a
+    non-root cgroup at fork, or are pinned where they are because an ancestor moves.
+
+    Synchronous methods are safe to call from any trio task (fs handlers, the enclave
+    server); `run()` is the background task that notices forks and exits as they happen.
+    """
+
+    def __init__(self, hierarchy: Hierarchy, proc: Proc | None = None,
+                 use_connector: bool = True) -> None:
+        self.hierarchy = hierarchy
+        self.proc = proc or Proc()
+        self.fds: dict[int, int] = {}
+        self.epoll = select.epoll()
+        self.by_fd: dict[int, int] = {}
+        self.killed: set[int] = set()
+        self.exit_hooks: list[Callable[[int], None]] = []
+        """Called with each tracked pid that exits, after the model forgot it."""
+        self.forks: ForkEvents | None = None
+        if use_connector:
+            try:
+                self.forks = ForkEvents()
+            except OSError as e:
+                log.warning("proc connector unavailable (%s): fork inheritance falls back "
+                            "to /proc PPid walks", e)
+
+    # -- lookups ---------------------------------------------------------------------
+
+    def cgroup_of(self, pid: int) -> Cgroup:
+        """The cgroup a pid or tid is in now. ESRCH if no such process.
+
+        An untracked process is registered in the cgroup of its nearest tracked
+        ancestor (with every untracked process between them), so it keeps that cgroup
+        when the ancestor exits, as after a fork.
+        """
+        self.settle()
+        tgid = self._tgid(pid)
+        return self._resolve(tgid)
+
+    def members(self, cg: Cgroup) -> list[int]:
+        """Live thread-group ids directly in `cg` (cgroup.procs).
+
+        The root has every process not in a non-root cgroup, kernel threads included.
+        """
+        self.settle()
+        if not cg.is_root:
+            return sorted(cg.procs)
+        elsewhere = {pid for pid, where in self.hierarchy.procs.items() if not where.is_root}
+        out = []
+        for pid in self.proc.pids():
+            if pid in elsewhere:
+                continue
+            st = self.proc.stat(pid)
+            if st is not None and not _dead(st[0], st[3]):
+                out.append(pid)
+        return out
+
+    def threads(self, cg: Cgroup) -> list[int]:
+        """Thread ids of the members (cgroup.threads)."""
+        return [tid for pid in self.members(cg) for tid in self.proc.tasks(pid)]
+
+    # -- writes ----------------------------------------------------------------------
+
+    def attach(self, pid: int, dst: Cgroup, caller: Caller, threadgroup: bool = True,
+               may_write: Callable[[Cgroup, Caller], bool] | None = None) -> None:
+        """__cgroup_procs_write: move the process (or, for cgroup.threads, the thread)
+        `pid` (0: the caller) into `dst`, with the kernel's checks in its order:
+        ESRCH no such task, EINVAL kthreadd or a per-cpu kthread, EACCES no write access
+        to the common ancestor's cgroup.procs, EOPNOTSUPP a thread across domains, EBUSY
+        (the model's no-internal-process rule). An exited (zombie) process is accepted
+        and not moved.
+        """
+        self.settle()
+        tid = pid or caller.pid
+        status = self.proc.status(tid)
+        if status is None:
+            raise KernelError(errno.ESRCH, f"no process {tid}")
+        tgid = status.tgid
+        st = self.proc.stat(tgid if threadgroup else tid)
+        if st is None:
+            raise KernelError(errno.ESRCH, f"no process {tid}")
+        if st[2] & PF_NO_SETAFFINITY or (st[1] == 0 and tgid != 1):
+            raise KernelError(errno.EINVAL, f"{tid} is kthreadd or a per-cpu kernel thread")
+        src = self._resolve(tgid)
+        if may_write is not None and caller.uid != 0:
+            common = src
+            while not _is_descendant(dst, common):
+                common = common.parent
+            if not may_write(common, caller):
+                raise KernelError(errno.EACCES, f"no write access to {common.path}/cgroup.procs")
+        if not threadgroup:
+            if src is not dst:
+                raise KernelError(errno.EOPNOTSUPP, "a thread cannot leave its domain cgroup")
+            return
+        if not dst.is_root and dst.subtree_control:
+            raise KernelError(errno.EBUSY, f"{dst.path} enables controllers")
+        if src is dst and tgid in self.hierarchy.procs:
+            return
+        fd = self._pidfd(tgid)
+        if fd is None:
+            return  # exited: PF_EXITING tasks are skipped, the write succeeds
+        self._pin_children(tgid, src)
+        was_frozen = src.frozen
+        try:
+            self.hierarchy.move(tgid, dst)
+        except BaseException:
+            if tgid not in self.fds:
+                os.close(fd)
+            raise
+        self._watch(tgid, fd)
+        self._refreeze(tgid, was_frozen, dst.frozen)
+
+    def kill(self, cg: Cgroup) -> None:
+        """cgroup.kill: SIGKILL every process in the subtree; children they are still
+        forking are killed as their fork is reported."""
+        self.settle()
+        for pid in self.hierarchy.kill_targets(cg):
+            self._signal(pid, signal.SIGKILL)
+            self.killed.add(pid)
+
+    def set_freeze(self, cg: Cgroup, freeze: bool) -> None:
+        """cgroup.freeze: stop (SIGSTOP) or resume (SIGCONT) the processes whose
+        effective freeze state changes. The kernel's freezer is not job control; this is
+        the closest user space gets (a waiting parent may see the child as stopped)."""
+        self.settle()
+        pids = self.hierarchy.kill_targets(cg)
+        before = {pid: self.hierarchy.procs[pid].frozen for pid in pids}
+        cg.freeze = freeze
+        for pid in pids:
+            self._refreeze(pid, before[pid], self.hierarchy.procs[pid].frozen)
+
+    def deliver_oom_kills(self) -> None:
+        """SIGKILL the victims the model's OOM killer picked (hierarchy.oom_kills)."""
+        while self.hierarchy.oom_kills:
+            pid = self.hierarchy.oom_kills.pop(0)
+            log.info("memory OOM: killing %d", pid)
+            self._signal(pid, signal.SIGKILL)
+
+    def enforce_memory_limits(self) -> None:
+        """Continue memory.max's reclaim/OOM loop after an exit freed memory."""
+        for cg in self.hierarchy.root.walk():
+            css = cg.memory
+            if css is not None and not css.is_root and css.usage > css.max:
+                self.hierarchy.enforce_memory_max(css)
+        self.deliver_oom_kills()
+
+    # -- exits and forks -------------------------------------------------------------
+
+    def settle(self) -> None:
+        """Apply every fork and exit that has happened: called before any answer that
+        depends on membership, so it never shows a process that is gone."""
+        self._apply_forks()
+        if self.fds:
+            for fd, _ in self.epoll.poll(0):
+                pid = self.by_fd.get(fd)
+                if pid is not None:
+                    self._exited(pid)
+
+    async def run(self) -> None:
+        """Background task: notice forks and exits as they happen."""
+        import trio
+
+        async with trio.open_nursery() as nursery:
+            if self.forks is not None:
+                nursery.start_soon(self._loop, self.forks.fileno(), self._apply_forks)
+            await self._loop(self.epoll.fileno(), self.settle)
+
+    @staticmethod
+    async def _loop(fd: int, step: Callable[[], None]) -> None:
+        """Run `step` whenever `fd` is readable; a failing step is logged, not fatal."""
+        import trio
+
+        while True:
+            await trio.lowlevel.wait_readable(fd)
+            try:
+                step()
+            except Exception:
+                log.exception("process tracking step failed")
+                await trio.sleep(0.1)
+
+    def close(self) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
+        self.by_fd.clear()
+        self.epoll.close()
+        if self.forks is not None:
+            self.forks.close()
+
+    # -- internals -------------------------------------------------------------------
+
+    def _apply_forks(self) -> None:
+        if self.forks is None:
+            self._adopt_all()
+            return
+        procs = self.hierarchy.procs
+        for parent, child in self.forks.drain():
+            where = procs.get(parent)
+            if child in procs or where is None:
+                continue
+            if parent in self.killed:
+                self._signal(child, signal.SIGKILL)
+                self.killed.add(child)
+            if not where.is_root:
+                self._register(child, where)
+        if self.forks.lost:
+            self.forks.lost = False
+            log.warning("proc connector overflowed: rescanning /proc")
+            self._adopt_all()
+
+    def _adopt_all(self) -> None:
+        """Register every untracked process whose nearest tracked ancestor is in a
+        non-root cgroup (fallback when fork events are missing)."""
+        if not any(not cg.is_root for cg in self.hierarchy.procs.values()):
+            return
+        parents = self.proc.parents()
+        for pid in parents:
+            if pid not in self.hierarchy.procs:
+                self._resolve_with(pid, parents)
+
+    def _exited(self, pid: int) -> None:
+        self._apply_forks()  # forks it made before exiting come first
+        fd = self.fds.pop(pid, None)
+        if fd is not None:
+            self.by_fd.pop(fd, None)
+            self.epoll.unregister(fd)
+            os.close(fd)
+        self.hierarchy.exit(pid)
+        self.killed.discard(pid)
+        for hook in self.exit_hooks:
+            try:
+                hook(pid)
+            except Exception:
+                log.exception("exit hook failed for %d", pid)
+        self.enforce_memory_limits()
+
+    def _tgid(self, pid: int) -> int:
+        if pid in self.hierarchy.procs:
+            return pid
+        status = self.proc.status(pid)
+        if status is None:
+            raise KernelError(errno.ESRCH, f"no process {pid}")
+        return status.tgid
+
+    def _resolve(self, tgid: int) -> Cgroup:
+        where = self.hierarchy.procs.get(tgid)
+        if where is not None:
+            return where
+        return self._resolve_with(tgid, None)
+
+    def _resolve_with(self, tgid: int, parents: dict[int, int] | None) -> Cgroup:
+        """Walk PPid up to a tracked ancestor; register the chain if it leads to a
+        non-root cgroup."""
+        chain = []
+        pid = tgid
+        procs = self.hierarchy.procs
+        while pid > 1 and pid not in procs and len(chain) < 4096:
+            chain.append(pid)
+            if parents is not None:
+                pid = parents.get(pid, 0)
+            else:
+                st = self.proc.stat(pid)
+                pid = st[1] if st is not None else 0
+        where = procs.get(pid, self.hierarchy.root)
+        if not where.is_root:
+            for p in chain:
+                self._register(p, where)
+        return where
+
+    def _register(self, pid: int, cg: Cgroup) -> None:
+        """Track a live process in `cg` without the write-path checks (fork inheritance:
+        the kernel puts a child where its parent is, whatever that cgroup enables)."""
+        fd = self._pidfd(pid)
+        if fd is None:
+            return
+        if not cg.is_root and cg.subtree_control:
+            # only reachable for a cgroup that enabled controllers after we last looked
+            log.warning("%d inherits %s which enables controllers", pid, cg.path)
+            os.close(fd)
+            return
+        self.hierarchy.move(pid, cg)
+        self._watch(pid, fd)
+        if cg.frozen:
+            self._signal(pid, signal.SIGSTOP)
+
+    def _pin_children(self, tgid: int, where: Cgroup) -> None:
+        """Before `tgid` moves, its untracked children stay where they are (they were
+        forked there): pin them, so their PPid walks stop at them and not at the mover."""
+        parents = self.proc.parents()
+        for pid, ppid in parents.items():
+            if ppid == tgid and pid not in self.hierarchy.procs:
+                fd = self._pidfd(pid)
+                if fd is not None:
+                    self.hierarchy.move(pid, where)
+                    self._watch(pid, fd)
+
+    def _pidfd(self, pid: int) -> int | None:
+        """A pidfd for a live thread-group leader, or None if it has exited."""
+        fd = self.fds.get(pid)
+        if fd is not None:
+            return fd
+        try:
+            fd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            return None
+        except OSError as e:
+            if e.errno == errno.EINVAL:  # not a thread-group leader
+                return None
+            raise
+        if select.select([fd], [], [], 0)[0]:
+            os.close(fd)
+            return None
+        return fd
+
+    def _watch(self, pid: int, fd: int) -> None:
+        if pid in self.fds:
+            return
+        self.fds[pid] = fd
+        self.by_fd[fd] = pid
+        self.epoll.register(fd, select.EPOLLIN)
+
+    def _refreeze(self, pid: int, was: bool, now: bool) -> None:
+        if now and not was:
+            self._signal(pid, signal.SIGSTOP)
+        elif was and not now:
+            self._signal(pid, signal.SIGCONT)
+
+    def _signal(self, pid: int, signum: int) -> None:
+        fd = self.fds.get(pid)
+        try:
+            if fd is not None:
+                signal.pidfd_send_signal(fd, signum)
+            else:
+                os.kill(pid, signum)
+        except ProcessLookupError:
+            pass
+
+
+def _is_descendant(cg: Cgroup, ancestor: Cgroup) -> bool:
+    return any(a is ancestor for a in cg.ancestors())

@@ -1,0 +1,329 @@
+"""ADD_PAGES in bulk: many pages in one step, with exactly the result page-by-page gives.
+
+Loading an oversubscribed enclave is a long stretch in which nothing interesting
+happens: each page is charged and allocated; whenever the cgroup's tightest level (a
+misc.max, or the capacity) is full, the charge fails once, a synchronous round takes
+SGX_NR_TO_SCAN pages off the head of the charging cgroup's LRU and writes them back,
+and the next SGX_NR_TO_SCAN allocations succeed. Per page that is O(1) but the page
+count is what a 64 GiB EPC has 16 Mi of. So when the state guarantees that stretch, it
+is computed in closed form: k failed charges and rounds, R = 16·k pages evicted from the
+LRU head, A = pages + VA pages allocated, the nodes each allocation gets from the free
+lists' greedy walk, and every counter (misc usage, peaks, events; memcg; VA slots; PCMD
+pages; ENCLS leaves; ksgxd's wake-up).
+
+The stretch is taken only while each of these holds, and stops short of the first
+round that would break one (the page-by-page path then handles that page):
+
+- no level of the charging css is over its limit already, and the free lists cannot run
+  dry before the charge fails (free ≥ headroom), so every round is the try_charge one;
+- every reclaimable page in the charging css's subtree is on its own LRU (the fairness
+  iterator then always ends on it), and the rounds take only pages that were on that
+  LRU before the step, always leaving at least one there;
+- none of those pages was accessed since the last scan (the age check would keep it);
+- their backing store fits under the caller's memcg limits with room to spare (two
+  pages per page: contents, and at most a PCMD page), so no charge can fail;
+- no initialized enclave loses its last resident child (that would write its SECS
+  back inside the round).
+
+tests/model compare this path with page-by-page on random programs.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import TYPE_CHECKING
+
+from .constants import (
+    PAGE_SIZE,
+    SGX_EEXTENDS_PER_PAGE,
+    SGX_EPC,
+    SGX_NR_LOW_PAGES,
+    SGX_NR_TO_SCAN,
+    SGX_VA_SLOT_COUNT,
+    SgxPageType,
+)
+from .epc_cgroup import epc_cg, next_descendant_pre
+from .runs import Run, RunState
+
+if TYPE_CHECKING:
+    from .cgroup import Hierarchy
+    from .enclave import Enclave
+    from .epc import Epc
+    from .misc import MiscCss
+
+
+def va_pages_for(page_cnt: int, pages: int) -> int:
+    """VA pages sgx_encl_grow allocates while page_cnt goes from page_cnt to +pages:
+    one each time it is a multiple of SGX_VA_SLOT_COUNT before the increment."""
+    return ((page_cnt + pages + SGX_VA_SLOT_COUNT - 1) // SGX_VA_SLOT_COUNT
+            - (page_cnt + SGX_VA_SLOT_COUNT - 1) // SGX_VA_SLOT_COUNT)
+
+
+def rounds_for(allocs: int, headroom: int) -> int:
+    """Failed charges (each followed by one round of SGX_NR_TO_SCAN) before `allocs`
+    allocations fit under `headroom` free charges."""
+    return max(0, -(-(allocs - headroom) // SGX_NR_TO_SCAN))
+
+
+class BulkLoader:
+    """The bulk half of add_pages (mixed into Sgx; the state lives there)."""
+
+    h: Hierarchy
+    epc: Epc
+    encls: Counter[str]
+    _ksgxd_wake: bool
+
+    def _bulk_add(self, encl: Enclave, pid: int, css: MiscCss, first: int, n: int,
+                  measured: bool, ptype: SgxPageType, pref: list[int]) -> int:
+        """Add up to n absent pages from `first` in one step; returns how many (0: the
+        page-by-page path must take the next page)."""
+        cap = self.h.misc.capacity[SGX_EPC] // PAGE_SIZE
+        chain = list(css.ancestors())
+        usage = [level.res[SGX_EPC].usage // PAGE_SIZE for level in chain]
+        heads = [min(level.res[SGX_EPC].max // PAGE_SIZE, cap) - u
+                 for level, u in zip(chain, usage, strict=True)]
+        headroom = min(heads)
+        if headroom < 0:
+            return 0
+        free = self.epc.free_total
+        c0 = encl.page_cnt
+
+        def allocs(pages: int) -> int:
+            return pages + va_pages_for(c0, pages)
+
+        k_max = 0
+        if free >= headroom and allocs(n) > headroom:
+            k_max = self._rounds_possible(css, pid, rounds_for(allocs(n), headroom))
+        budget = headroom + SGX_NR_TO_SCAN * k_max if k_max else min(headroom, free)
+        lo, hi = 0, n  # the most pages whose allocations fit the budget
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if allocs(mid) <= budget:
+                lo = mid
+            else:
+                hi = mid - 1
+        pages = lo
+        if not pages:
+            return 0
+        total = allocs(pages)
+        k = rounds_for(total, headroom)
+        evict = SGX_NR_TO_SCAN * k
+        lru_before = epc_cg(self.h.root.misc).subtree_lru
+        segs, free_after = self._alloc_plan(css, pref, total, headroom, k)
+        self._evict_prefix(css, pid, evict)
+        for node in self.epc.nodes.values():
+            node.free = free_after[node.nid]
+        self.epc.free_total = sum(free_after.values())
+        self._commit_misc(css, chain, usage, heads.index(headroom), headroom, total, evict, k)
+        page_runs, va_nodes = self._assign(segs, c0, pages)
+        for lo_i, hi_i, nid in page_runs:
+            self._insert_resident(encl, Run(first + lo_i, first + hi_i, RunState.LRU, encl,
+                                            node=nid, css=css, ptype=ptype))
+        for nid, cnt in va_nodes.items():
+            encl.va[(nid, css)] += cnt
+            encl.va_pages += cnt
+            self.encls["EPA"] += cnt
+        encl.page_cnt += pages
+        self.encls["EADD"] += pages
+        if measured:
+            self.encls["EEXTEND"] += SGX_EEXTENDS_PER_PAGE * pages
+        if k:
+            epc_cg(css).next_cg = next_descendant_pre(css, css)
+            last = total - headroom - SGX_NR_TO_SCAN * (k - 1)
+            lowest = free - headroom + SGX_NR_TO_SCAN - last
+            if headroom or k > 1:
+                lowest = min(lowest, free - headroom)
+            if lowest < SGX_NR_LOW_PAGES:
+                self._ksgxd_wake = True
+        elif free - total < SGX_NR_LOW_PAGES and lru_before + pages - 1 > 0:
+            self._ksgxd_wake = True
+        return pages
+
+    def _rounds_possible(self, css: MiscCss, pid: int, wanted: int) -> int:
+        """How many of the `wanted` try_charge rounds can be taken in closed form."""
+        state = epc_cg(css)
+        if state.subtree_lru != state.lru.pages:
+            return 0
+        k = min(wanted, (state.lru.pages - 1) // SGX_NR_TO_SCAN)
+        memcg = self.h.cgroup_of(pid).effective_memory()
+        if not memcg.is_root:
+            room = min(level.max - level.usage for level in memcg.ancestors())
+            k = min(k, max(0, room) // (2 * SGX_NR_TO_SCAN))
+        pos = 0
+        taken: Counter[Enclave] = Counter()
+        for run in state.lru:
+            if pos >= SGX_NR_TO_SCAN * k:
+                break
+            if run.young:
+                k = min(k, pos // SGX_NR_TO_SCAN)
+                break
+            take = min(len(run), SGX_NR_TO_SCAN * k - pos)
+            encl = run.encl
+            if encl.initialized and taken[encl] + take >= encl.secs_child_cnt:
+                last_child = pos + encl.secs_child_cnt - taken[encl] - 1
+                k = min(k, last_child // SGX_NR_TO_SCAN)
+            taken[encl] += take
+            pos += take
+        return k
+
+    def _alloc_plan(self, css: MiscCss, pref: list[int], total: int, headroom: int,
+                    k: int) -> tuple[list[tuple[int, int]], dict[int, int]]:
+        """The node of every allocation, in order, as [(nid, count)]: `headroom`
+        allocations, then k times (a round frees 16 LRU-head pages onto their nodes, up
+        to 16 allocations follow), each allocation from the first node in `pref` with a
+        free page. Also returns the free counts afterwards.
+
+        Rounds whose 16 pages all come from one node are taken together: the nodes ahead
+        of it in `pref` are drained first either way, and it never runs out meanwhile."""
+        free = {nid: node.free for nid, node in self.epc.nodes.items()}
+        segs: list[tuple[int, int]] = []
+
+        def take(count: int) -> None:
+            for nid in pref:
+                if not count:
+                    break
+                t = min(free[nid], count)
+                if t:
+                    free[nid] -= t
+                    count -= t
+                    if segs and segs[-1][0] == nid:
+                        segs[-1] = (nid, segs[-1][1] + t)
+                    else:
+                        segs.append((nid, t))
+            assert not count, "bulk plan ran out of free pages"
+
+        if not k:
+            take(total)
+            return segs, free
+        take(headroom)
+        refills: list[list[int]] = []  # [nid, pages] of the LRU prefix, merged by node
+        remaining = SGX_NR_TO_SCAN * k
+        for run in epc_cg(css).lru:
+            if not remaining:
+                break
+            t = min(len(run), remaining)
+            if refills and refills[-1][0] == run.node:
+                refills[-1][1] += t
+            else:
+                refills.append([run.node, t])
+            remaining -= t
+        last = total - headroom - SGX_NR_TO_SCAN * (k - 1)
+        done = seg = off = 0
+        while done < k:
+            nid, length = refills[seg]
+            whole = min(k - done, (length - off) // SGX_NR_TO_SCAN)
+            if whole:
+                free[nid] += SGX_NR_TO_SCAN * whole
+                off += SGX_NR_TO_SCAN * whole
+                done += whole
+                take(SGX_NR_TO_SCAN * (whole - 1) + (last if done == k else SGX_NR_TO_SCAN))
+            else:
+                need = SGX_NR_TO_SCAN
+                while need:
+                    nid, length = refills[seg]
+                    t = min(need, length - off)
+                    free[nid] += t
+                    need -= t
+                    off += t
+                    if off == length:
+                        seg, off = seg + 1, 0
+                done += 1
+                take(last if done == k else SGX_NR_TO_SCAN)
+            if seg < len(refills) and off == refills[seg][1]:
+                seg, off = seg + 1, 0
+        return segs, free
+
+    def _evict_prefix(self, css: MiscCss, pid: int, count: int) -> None:
+        """Write back the first `count` pages of css's LRU as k try_charge rounds would:
+        backing charged to pid's memcg, one VA slot each, ETRACK once per enclave per
+        batch of SGX_NR_TO_SCAN, EPC pages back on their nodes (free counts are set by
+        the caller) and uncharged in the caller's misc commit."""
+        if not count:
+            return
+        memcg = self.h.cgroup_of(pid).effective_memory()
+        lru = epc_cg(css).lru
+        pos = 0
+        batch_no, batch_encls = -1, set()
+        while pos < count:
+            run = lru.head
+            take = min(len(run), count - pos)
+            encl = run.encl
+            if take < len(run):
+                encl.pages.cut(run.start + take)
+            self._lru_unlink(run)
+            gaps = encl.pcmd_missing(run.start, run.end)
+            charged = self.h.memory_try_charge(
+                memcg, take + sum(g1 - g0 for g0, g1 in gaps), owner=encl.owner, current=pid)
+            assert charged, "bulk eviction overran the memcg room it checked"
+            encl.pcmd_add(gaps, memcg)
+            first_batch, last_batch = pos // SGX_NR_TO_SCAN, (pos + take - 1) // SGX_NR_TO_SCAN
+            if first_batch != batch_no:
+                batch_no, batch_encls = first_batch, set()
+            if encl not in batch_encls:
+                batch_encls.add(encl)
+                self.encls["ETRACK"] += 1
+            if last_batch != first_batch:
+                self.encls["ETRACK"] += last_batch - first_batch
+                batch_no, batch_encls = last_batch, {encl}
+            run.state = RunState.EVICTED
+            run.memcg = memcg
+            run.node = -1
+            run.css = None
+            encl.va_used += take
+            encl.secs_child_cnt -= take
+            encl.nr_evicted += take
+            encl.pages.merge_at(encl.pages.find(run.start))
+            pos += take
+        self.encls["EBLOCK"] += count
+        self.encls["EWB"] += count
+
+    def _commit_misc(self, css: MiscCss, chain: list[MiscCss], usage: list[int],
+                     fail_at: int, headroom: int, total: int, evict: int, k: int) -> None:
+        """Misc counters after `total` charges, `evict` uncharges and k failed charges
+        that stopped at chain[fail_at]: usage, peaks (the transient ones of the failed
+        walks included) and events."""
+        net = (total - evict) * PAGE_SIZE
+        if net > 0:
+            self.h.misc.try_charge(SGX_EPC, css, net)
+        elif net < 0:
+            self.h.misc_uncharge(SGX_EPC, css, -net)
+        peak = headroom if k else total
+        for i, (level, u) in enumerate(zip(chain, usage, strict=True)):
+            res = level.res[SGX_EPC]
+            top = u + peak + (1 if k and i < fail_at else 0)
+            res.watermark = max(res.watermark, top * PAGE_SIZE)
+        if k:
+            self.h.misc.count_failure(SGX_EPC, chain[fail_at], k)
+
+    @staticmethod
+    def _assign(segs: list[tuple[int, int]], c0: int,
+                pages: int) -> tuple[list[tuple[int, int, int]], Counter[int]]:
+        """Split the allocation stream (page i, then its VA page when page_cnt c0+i is a
+        multiple of 512) into page runs [(lo, hi, nid)] and VA pages per node."""
+
+        def pages_before(j: int) -> int:
+            """How many pages have their own allocation among the first j."""
+            lo, hi = 0, pages
+            while lo < hi:
+                mid = (lo + hi) // 2
+                if mid + va_pages_for(c0, mid) < j:
+                    lo = mid + 1
+                else:
+                    hi = mid
+            return lo
+
+        runs: list[tuple[int, int, int]] = []
+        va: Counter[int] = Counter()
+        j = 0
+        for nid, count in segs:
+            p0, p1 = pages_before(j), pages_before(j + count)
+            if p1 > p0:
+                if runs and runs[-1][2] == nid and runs[-1][1] == p0:
+                    runs[-1] = (runs[-1][0], p1, nid)
+                else:
+                    runs.append((p0, p1, nid))
+            if count > p1 - p0:
+                va[nid] += count - (p1 - p0)
+            j += count
+        assert pages_before(j) == pages, "allocation stream does not match the pages"
+        return runs, va

@@ -1,0 +1,362 @@
+"""EPC reclamation: the batch in three steps, the rounds built from batches, and the four
+callers of rounds (synchronous in try_charge, per-cgroup async work, direct reclaim
+before EDMM, ksgxd's global reclaim).
+
+A batch is one sgx_reclaim_pages() call split where the kernel's races live:
+
+1. isolate(css): take up to SGX_NR_TO_SCAN pages off the head of css's own LRU. They
+   are "reclaim in progress": still resident, still charged.
+2. writeback(batch): the age check (a page accessed since the last scan goes back to
+   the LRU tail, its accessed bit cleared), the backing-store allocation (contents page
+   plus, if none serves the page's index yet, a PCMD page, charged to the memcg of the
+   task doing the reclaim or, for ksgxd and the workers, of the enclave's owner; a
+   failed charge sends the page back to the tail), EBLOCK, ETRACK, EWB (one VA slot
+   each). The enclave pages are now evicted; the EPC pages stay with the batch. If an
+   initialized enclave's last resident child went, its SECS is written back and freed
+   right there, as sgx_reclaimer_write does.
+3. free_batch(batch): the EPC pages go back to their nodes' free lists, uncharged.
+
+A round (cgroup_reclaim_pages) asks the root's fairness iterator for the next css in
+pre-order and runs a batch on it until at least `nr_to_scan` pages were scanned or the
+subtree has nothing left to scan (sgx_cgroup_reclaim_pages).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from enum import Enum
+from typing import TYPE_CHECKING
+
+from .constants import (
+    PAGE_SIZE,
+    PCMDS_PER_PAGE,
+    SGX_EPC,
+    SGX_NR_HIGH_PAGES,
+    SGX_NR_LOW_PAGES,
+    SGX_NR_TO_SCAN,
+)
+from .epc_cgroup import epc_cg, lru_changed, lru_empty, next_get, should_reclaim
+from .runs import Run, RunState
+
+if TYPE_CHECKING:
+    from .cgroup import Hierarchy
+    from .enclave import Enclave
+    from .epc import Epc
+    from .memory import MemCss
+    from .misc import MiscCss
+
+
+class Stage(Enum):
+    ISOLATED = "isolated"
+    WRITTEN = "written back"
+    FREED = "freed"
+
+
+class Batch:
+    """One reclaim batch between its steps.
+
+    `runs` are the isolated runs (ISOLATED, or ORPHAN once their enclave was released);
+    after writeback, `held` counts the emptied EPC pages by (node, css) until freed.
+    `scanned` is what sgx_reclaim_pages returns (pages taken off the LRU); `failed`
+    counts backing-store charges that failed (memcg at its limit).
+    """
+
+    __slots__ = ("css", "charge_pid", "runs", "stage", "scanned", "written", "failed",
+                 "held")
+
+    def __init__(self, css: MiscCss, charge_pid: int | None) -> None:
+        self.css = css
+        self.charge_pid = charge_pid
+        self.runs: list[Run] = []
+        self.stage = Stage.ISOLATED
+        self.scanned = 0
+        self.written = 0
+        self.failed = 0
+        self.held: Counter[tuple[int, MiscCss]] = Counter()
+
+    def __repr__(self) -> str:
+        return f"Batch({self.css.cgroup.path}, {self.stage.value}, scanned={self.scanned})"
+
+
+@dataclass
+class Round:
+    """What a round of batches achieved, for the loops that decide what to do next."""
+
+    scanned: int = 0
+    freed: int = 0
+    failed: int = 0
+
+    def add(self, batch: Batch) -> None:
+        self.scanned += batch.scanned
+        self.freed += batch.written
+        self.failed += batch.failed
+
+
+class Reclaimer:
+    """The reclaim half of Sgx (mixed into it; the state lives there)."""
+
+    h: Hierarchy
+    epc: Epc
+    encls: Counter[str]
+    batches: list[Batch]
+    async_work: dict[MiscCss, None]
+    _ksgxd_wake: bool
+
+    # -- LRU bookkeeping shared with the enclave operations -------------------------
+
+    def _lru_append(self, run: Run) -> None:
+        """Mark reclaimable (sgx_mark_page_reclaimable): run goes to its css's LRU tail
+        and joins its neighbours in the enclave's map where it can."""
+        run.state = RunState.LRU
+        run.batch = None
+        epc_cg(run.css).lru.append(run)
+        lru_changed(run.css, len(run))
+        pages = run.encl.pages
+        pages.merge_at(pages.find(run.start))
+
+    def _lru_unlink(self, run: Run) -> None:
+        epc_cg(run.css).lru.unlink(run)
+        lru_changed(run.css, -len(run))
+
+    def _free_epc(self, nid: int, css: MiscCss, count: int, eremove: bool) -> None:
+        """sgx_free_epc_page (after EREMOVE when the page still holds something)."""
+        if eremove:
+            self.encls["EREMOVE"] += count
+        self.epc.give(nid, count)
+        self.h.misc_uncharge(SGX_EPC, css, count * PAGE_SIZE)
+
+    def _backing_memcg(self, encl: Enclave, charge_pid: int | None) -> MemCss:
+        """sgx_encl_alloc_backing's memcg: the reclaiming task's, or for ksgxd and the
+        workers the enclave's mm's, taken here as its owner's current memcg."""
+        pid = encl.owner if charge_pid is None else charge_pid
+        return self.h.cgroup_of(pid).effective_memory()
+
+    # -- the three steps -------------------------------------------------------------
+
+    def isolate(self, css: MiscCss, charge_pid: int | None = None) -> Batch:
+        """Step 1: take up to SGX_NR_TO_SCAN pages off the head of css's own LRU.
+
+        `charge_pid` is the task reclaiming (its memcg pays for the backing store), or
+        None for ksgxd and the async workers."""
+        batch = Batch(css, charge_pid)
+        lru = epc_cg(css).lru
+        while batch.scanned < SGX_NR_TO_SCAN and lru.head is not None:
+            run = lru.head
+            take = min(SGX_NR_TO_SCAN - batch.scanned, len(run))
+            if take < len(run):
+                run.encl.pages.cut(run.start + take)
+            self._lru_unlink(run)
+            run.state = RunState.ISOLATED
+            run.batch = batch
+            batch.runs.append(run)
+            batch.scanned += take
+        self.batches.append(batch)
+        return batch
+
+    def writeback(self, batch: Batch) -> int:
+        """Step 2: age check, backing store, EBLOCK, ETRACK, EWB. Returns pages written."""
+        if batch.stage is not Stage.ISOLATED:
+            raise ValueError(f"{batch} is not waiting for write-back")
+        batch.stage = Stage.WRITTEN
+        new_pcmd: dict[tuple[Enclave, int], MemCss] = {}
+        outcome: list[tuple[Run, bool]] = []  # (run, written?) in batch order
+        for run in list(batch.runs):
+            if run.state is RunState.ORPHAN:
+                continue
+            if run.young:
+                run.young = False
+                outcome.append((run, False))
+                continue
+            outcome.extend(self._charge_backing(batch, run, new_pcmd))
+        for (encl, g), memcg in new_pcmd.items():
+            encl.pcmd_add([(g, g + 1)], memcg)
+        to_write = [run for run, ok in outcome if ok]
+        for run, ok in outcome:
+            if not ok:
+                batch.runs.remove(run)
+                self._lru_append(run)
+        self.encls["EBLOCK"] += sum(len(run) for run in to_write)
+        self.encls["ETRACK"] += len({run.encl for run in to_write})
+        for run in to_write:
+            self._ewb_run(batch, run)
+        return batch.written
+
+    def _charge_backing(self, batch: Batch, run: Run,
+                        new_pcmd: dict[tuple[Enclave, int], MemCss]) -> list[tuple[Run, bool]]:
+        """Charge the backing store page by page; split the run where the outcome changes."""
+        encl = run.encl
+        memcg = self._backing_memcg(encl, batch.charge_pid)
+        results = []
+        for i in range(run.start, run.end):
+            g = i // PCMDS_PER_PAGE
+            fresh = (encl, g) not in new_pcmd and encl.pcmd.find(g) < 0
+            if self.h.memory_try_charge(memcg, 1 + fresh, owner=encl.owner,
+                                        current=batch.charge_pid):
+                if fresh:
+                    new_pcmd[(encl, g)] = memcg
+                results.append(True)
+            else:
+                batch.failed += 1
+                results.append(False)
+        pieces = []
+        base, end = run.start, run.end
+        start = base
+        for i in range(base + 1, end + 1):
+            if i == end or results[i - base] != results[start - base]:
+                if i < end:
+                    encl.pages.cut(i)
+                piece = encl.pages.get(start)
+                if results[start - base]:
+                    piece.memcg = memcg
+                pieces.append((piece, results[start - base]))
+                start = i
+        return pieces
+
+    def _ewb_run(self, batch: Batch, run: Run) -> None:
+        """EWB every page of an isolated run whose backing is charged (memcg in run.memcg)."""
+        encl = run.encl
+        n = len(run)
+        self.encls["EWB"] += n
+        batch.written += n
+        batch.held[(run.node, run.css)] += n
+        batch.runs.remove(run)
+        encl.va_used += n
+        encl.secs_child_cnt -= n
+        encl.nr_evicted += n
+        run.state = RunState.EVICTED
+        run.batch = None
+        run.node = -1
+        run.css = None
+        encl.pages.merge_at(encl.pages.find(run.start))
+        if encl.initialized and not encl.secs_child_cnt and encl.secs_css is not None:
+            self._ewb_secs(encl, batch.charge_pid)
+
+    def _ewb_secs(self, encl: Enclave, charge_pid: int | None) -> None:
+        """The last resident child is gone: write the SECS back and free it, unless its
+        backing page cannot be charged (then it simply stays, as in the kernel)."""
+        memcg = self._backing_memcg(encl, charge_pid)
+        s = encl.secs_index
+        gaps = encl.pcmd_missing(s, s + 1)
+        if not self.h.memory_try_charge(memcg, 1 + len(gaps), owner=encl.owner,
+                                        current=charge_pid):
+            return
+        encl.pcmd_add(gaps, memcg)
+        self.encls["EWB"] += 1
+        encl.va_used += 1
+        encl.secs_memcg = memcg
+        css, encl.secs_css = encl.secs_css, None
+        self._free_epc(encl.secs_node, css, 1, eremove=True)
+
+    def free_batch(self, batch: Batch) -> int:
+        """Step 3: free the written-back EPC pages, and the isolated pages whose enclave
+        was released meanwhile. Returns the pages freed."""
+        if batch.stage is not Stage.WRITTEN:
+            raise ValueError(f"{batch} is not waiting to be freed")
+        batch.stage = Stage.FREED
+        freed = 0
+        for (nid, css), n in batch.held.items():
+            self._free_epc(nid, css, n, eremove=False)
+            freed += n
+        for run in batch.runs:
+            self._free_epc(run.node, run.css, len(run), eremove=True)
+            freed += len(run)
+        batch.runs.clear()
+        batch.held.clear()
+        self.batches.remove(batch)
+        return freed
+
+    def reclaim_pages(self, css: MiscCss, charge_pid: int | None = None) -> Batch:
+        """sgx_reclaim_pages: one batch, all three steps at once."""
+        batch = self.isolate(css, charge_pid)
+        self.writeback(batch)
+        self.free_batch(batch)
+        return batch
+
+    # -- rounds and their callers ----------------------------------------------------
+
+    def next_cg(self, root: MiscCss) -> MiscCss:
+        """The css whose LRU the next batch of a round under `root` should scan."""
+        return next_get(root)
+
+    def lru_empty(self, css: MiscCss) -> bool:
+        """Nothing reclaimable in css's subtree (a round would stop)."""
+        return lru_empty(css)
+
+    def cgroup_reclaim_pages(self, root: MiscCss, charge_pid: int | None,
+                             nr_to_scan: int) -> Round:
+        """sgx_cgroup_reclaim_pages: batches on root's subtree in the iterator's order
+        until nr_to_scan pages were scanned or nothing is left to scan."""
+        done = Round()
+        while not lru_empty(root) and done.scanned < nr_to_scan:
+            done.add(self.reclaim_pages(next_get(root), charge_pid))
+        return done
+
+    def reclaim_global(self, charge_pid: int | None = None) -> Round:
+        """sgx_cgroup_reclaim_pages_global: one round over the whole tree."""
+        return self.cgroup_reclaim_pages(self.h.root.misc, charge_pid, SGX_NR_TO_SCAN)
+
+    def can_reclaim_global(self) -> bool:
+        """sgx_can_reclaim_global: some LRU anywhere holds a page."""
+        return not lru_empty(self.h.root.misc)
+
+    def should_reclaim_global(self, watermark: int) -> bool:
+        """sgx_should_reclaim_global: fewer free pages than `watermark`, and something
+        to reclaim."""
+        return self.epc.free_total < watermark and self.can_reclaim_global()
+
+    def should_wake_ksgxd(self) -> bool:
+        """ksgxd's wait condition: below SGX_NR_HIGH_PAGES free with something to
+        reclaim. Once woken, ksgxd runs rounds while this holds."""
+        return self.should_reclaim_global(SGX_NR_HIGH_PAGES)
+
+    def take_ksgxd_wakeup(self) -> bool:
+        """Was ksgxd woken since the last call? An allocation wakes it when it leaves
+        fewer than SGX_NR_LOW_PAGES free and something reclaimable."""
+        woken, self._ksgxd_wake = self._ksgxd_wake, False
+        return woken
+
+    def ksgxd_step(self) -> Round:
+        """One iteration of ksgxd's loop: a global round if should_wake_ksgxd()."""
+        if not self.should_wake_ksgxd():
+            return Round()
+        return self.reclaim_global(None)
+
+    def _maybe_wake_ksgxd(self) -> None:
+        if self.should_reclaim_global(SGX_NR_LOW_PAGES):
+            self._ksgxd_wake = True
+
+    def should_reclaim(self, css: MiscCss) -> bool:
+        """sgx_cgroup_should_reclaim (the async worker's loop condition)."""
+        return should_reclaim(css)
+
+    def queue_work(self, css: MiscCss) -> None:
+        """queue_work(sgx_cg_wq, &css->reclaim_work): a no-op if already queued."""
+        self.async_work[css] = None
+
+    def async_step(self, css: MiscCss) -> Round:
+        """One iteration of css's work item: a round if should_reclaim(css), else the
+        work item finishes (leaves async_work)."""
+        if css not in self.async_work:
+            return Round()
+        if not should_reclaim(css):
+            del self.async_work[css]
+            return Round()
+        return self.cgroup_reclaim_pages(css, None, SGX_NR_TO_SCAN)
+
+    def reclaim_direct(self, pid: int) -> Round:
+        """sgx_reclaim_direct, run before each page of an EDMM ioctl: the caller's own
+        cgroup first if near its limit, then globally if free pages are low."""
+        done = Round()
+        css = self.h.cgroup_of(pid).effective_misc()
+        if should_reclaim(css):
+            r = self.cgroup_reclaim_pages(css, pid, SGX_NR_TO_SCAN)
+            done.scanned += r.scanned
+            done.freed += r.freed
+            done.failed += r.failed
+        if self.should_reclaim_global(SGX_NR_LOW_PAGES):
+            r = self.reclaim_global(pid)
+            done.scanned += r.scanned
+            done.freed += r.freed
+            done.failed += r.failed
+        return done

@@ -1,0 +1,595 @@
+"""The SGX EPC subsystem of a kernel carrying the EPC cgroup series (v17): allocation with
+misc charging, enclaves (SGX1 build, SGX2 EDMM), vEPC, and reclamation (reclaim.py).
+
+Sgx is the one object the service drives. Every call is synchronous and either completes,
+raises KernelError (the kernel's errno; `count` for the multi-page ioctls), or raises
+Blocked (the kernel would spin waiting for an OOM victim; call again later). Each call
+counts the ENCLS leaves it performed in `encls`, which the service turns into time.
+
+The caller of every operation is a pid: its cgroup (Hierarchy.cgroup_of) picks the misc
+css charged for the EPC pages it allocates (effective_misc) and, on the synchronous
+paths, the memcg charged for the backing store that reclaim writes (effective_memory).
+`node` is the NUMA node the caller runs on; allocation prefers it (None: the first node).
+"""
+
+from __future__ import annotations
+
+import errno
+from collections import Counter
+from enum import Enum
+
+from .bulk import BulkLoader
+from .cgroup import Hierarchy
+from .constants import (
+    PAGE_SIZE,
+    SGX_EEXTENDS_PER_PAGE,
+    SGX_EPC,
+    SGX_VA_SLOT_COUNT,
+    SgxPageType,
+)
+from .enclave import Enclave, Vepc
+from .epc import Epc
+from .epc_cgroup import epc_cg, forget_css, lru_empty
+from .errors import Blocked, KernelError
+from .invariants import Invariants
+from .misc import MiscCss
+from .reclaim import Batch, Reclaimer
+from .runs import Run, RunState
+
+
+class Fault(Enum):
+    """What a page fault handler returns to the faulting access."""
+
+    OK = "ok"
+    """The page is mapped (VM_FAULT_NOPAGE after inserting the PTE); the access proceeds."""
+    RETRY = "retry"
+    """EBUSY on the no-reclaim path: VM_FAULT_NOPAGE without a PTE (enclave) or
+    VM_FAULT_RETRY (vEPC). The access faults again; the cgroup's async work was queued."""
+    SIGBUS = "sigbus"
+    """Any other failure (ENOMEM: nothing reclaimable): the task gets SIGBUS."""
+
+
+class Sgx(Reclaimer, BulkLoader, Invariants):
+    """EPC sections on NUMA nodes, the enclaves and vEPCs using them, and their reclaim.
+
+    Constructed with the cgroup hierarchy and the EPC sections as (numa_node, bytes);
+    it sets misc capacity for sgx_epc to their sum. Pages start dirty: ksgxd's boot pass
+    (sanitize) makes them free. `bulk=False` turns off the fast path of add_pages (the
+    results are identical; tests compare the two).
+    """
+
+    def __init__(self, hierarchy: Hierarchy, sections: list[tuple[int, int]], *,
+                 bulk: bool = True) -> None:
+        self.h = hierarchy
+        self.epc = Epc(sections)
+        hierarchy.misc.capacity[SGX_EPC] = self.epc.total_pages * PAGE_SIZE
+        hierarchy.misc_release_hooks.append(self._css_freed)
+        self.bulk = bulk
+        self.encls: Counter[str] = Counter()
+        """Cumulative count of ENCLS (and EACCEPT, EPA) leaves performed, by name."""
+        self.enclaves: dict[int, Enclave] = {}
+        self.vepcs: dict[int, Vepc] = {}
+        self.batches: list[Batch] = []
+        """Reclaim batches between their steps (isolated or written back, not yet freed)."""
+        self.async_work: dict[MiscCss, None] = {}
+        """Misc csses whose reclaim work item is queued on sgx_cg_wq, in queueing order."""
+        self._ksgxd_wake = False
+        self._next_id = 1
+
+    # -- boot ------------------------------------------------------------------------
+
+    def sanitize(self, count: int) -> int:
+        """ksgxd's boot pass: EREMOVE up to `count` dirty pages, making them free."""
+        done = self.epc.sanitize(count)
+        self.encls["EREMOVE"] += done
+        return done
+
+    def sanitize_all(self) -> int:
+        return self.sanitize(self.epc.dirty_total)
+
+    @property
+    def sanitized(self) -> bool:
+        return not self.epc.dirty_total
+
+    @property
+    def free_pages(self) -> int:
+        return self.epc.free_total
+
+    def node_total_bytes(self, nid: int) -> int:
+        """/sys/devices/system/node/node<N>/x86/sgx_total_bytes."""
+        node = self.epc.nodes.get(nid)
+        return node.size_pages * PAGE_SIZE if node else 0
+
+    def _css_freed(self, css: MiscCss) -> None:
+        """A misc css is about to be unlinked (sgx_cgroup_free)."""
+        self.async_work.pop(css, None)
+        forget_css(css)
+
+    # -- allocation: sgx_alloc_epc_page ----------------------------------------------
+
+    def _alloc(self, css: MiscCss, pid: int, reclaim: bool, pref: list[int]) -> int:
+        """Charge css one page and take a free page; returns its node.
+
+        KernelError(ENOMEM) when nothing is reclaimable, EBUSY on the no-reclaim path;
+        Blocked when reclaim made no progress because backing charges failed."""
+        self._charge(css, pid, reclaim)
+        while True:
+            nid = self.epc.take_one(pref)
+            if nid is not None:
+                break
+            err = None
+            if not self.can_reclaim_global():
+                err = KernelError(errno.ENOMEM, "no free EPC page and nothing reclaimable")
+            elif not reclaim:
+                err = KernelError(errno.EBUSY, "no free EPC page")
+            else:
+                done = self.reclaim_global(pid)
+                if not done.freed and done.failed:
+                    err = Blocked()
+            if err is not None:
+                self.h.misc_uncharge(SGX_EPC, css, PAGE_SIZE)
+                raise err
+        self._maybe_wake_ksgxd()
+        return nid
+
+    def _charge(self, css: MiscCss, pid: int, reclaim: bool) -> None:
+        """sgx_cgroup_try_charge: retry with synchronous reclaim of css's subtree."""
+        while True:
+            try:
+                self.h.misc.try_charge(SGX_EPC, css, PAGE_SIZE)
+                return
+            except KernelError:
+                pass
+            if lru_empty(css):
+                raise KernelError(errno.ENOMEM, f"nothing reclaimable under {css.cgroup.path}")
+            if not reclaim:
+                self.queue_work(css)
+                raise KernelError(errno.EBUSY, f"{css.cgroup.path} at its EPC limit")
+            done = self.cgroup_reclaim_pages(css, pid, 1)
+            if not done.freed and done.failed:
+                raise Blocked()
+
+    def _add_va(self, encl: Enclave, nid: int, css: MiscCss) -> None:
+        self.encls["EPA"] += 1
+        encl.va[(nid, css)] += 1
+        encl.va_pages += 1
+
+    def _grow(self, encl: Enclave, css: MiscCss, pid: int, reclaim: bool,
+              pref: list[int]) -> None:
+        """sgx_encl_grow: a new VA page when page_cnt is a multiple of 512, then page_cnt+1."""
+        if encl.page_cnt % SGX_VA_SLOT_COUNT == 0:
+            self._add_va(encl, self._alloc(css, pid, reclaim, pref), css)
+        encl.page_cnt += 1
+
+    def _insert_resident(self, encl: Enclave, run: Run) -> None:
+        """A new child page is in EPC: into the page map, onto the LRU tail."""
+        encl.pages.insert(run)
+        encl.nr_pages += len(run)
+        encl.secs_child_cnt += len(run)
+        self._lru_append(run)
+
+    # -- enclave build -----------------------------------------------------------------
+
+    def create(self, pid: int, size_bytes: int, node: int | None = None) -> Enclave:
+        """SGX_IOC_ENCLAVE_CREATE: the first VA page, then the SECS (ECREATE).
+
+        EINVAL unless the size is a power of two of at least a page."""
+        if size_bytes < PAGE_SIZE or size_bytes & (size_bytes - 1):
+            raise KernelError(errno.EINVAL, f"enclave size {size_bytes} is not a power of two")
+        css = self.h.cgroup_of(pid).effective_misc()
+        pref = self.epc.preference(node)
+        encl = Enclave(self._next_id, pid, size_bytes // PAGE_SIZE)
+        self._grow(encl, css, pid, True, pref)
+        ((va_node, _),) = encl.va
+        try:
+            encl.secs_node = self._alloc(css, pid, True, pref)
+        except KernelError:
+            self._free_epc(va_node, css, 1, eremove=True)
+            raise
+        except Blocked:
+            self._free_epc(va_node, css, 1, eremove=False)
+            raise
+        encl.secs_css = css
+        self.encls["ECREATE"] += 1
+        self._next_id += 1
+        self.enclaves[encl.id] = encl
+        return encl
+
+    def add_pages(self, encl: Enclave, pid: int, offset_pages: int, count: int,
+                  measured: bool, page_type: SgxPageType = SgxPageType.REG,
+                  node: int | None = None) -> int:
+        """SGX_IOC_ENCLAVE_ADD_PAGES for `count` pages from `offset_pages`, in order.
+
+        Per page: the EPC page (reclaim allowed), then a VA page when due, EADD, 16
+        EEXTENDs if measured, and the page joins the LRU. Returns `count`. Errors carry
+        `count` = pages added before the failing one (they stay added): EINVAL for an
+        initialized enclave or a range outside it, EBUSY for a page already there (the
+        model checks this before allocating; the kernel finds it after allocating and
+        gives the pages back), ENOMEM. Blocked likewise carries `count`.
+
+        Where nothing but steady reclaim happens the pages go in bulk (bulk.py), so a
+        call costs O(runs touched), not O(pages); the service should still call it in
+        chunks so other tasks get to run in between.
+        """
+        self._check_live(encl)
+        if encl.initialized or count < 1 or offset_pages < 0 or \
+                offset_pages + count > encl.size_pages:
+            raise KernelError(errno.EINVAL, "bad ADD_PAGES request")
+        if page_type not in (SgxPageType.REG, SgxPageType.TCS):
+            raise KernelError(errno.EINVAL, f"cannot EADD a {page_type.name} page")
+        css = self.h.cgroup_of(pid).effective_misc()
+        pref = self.epc.preference(node)
+        done = 0
+        while done < count:
+            i = offset_pages + done
+            nxt = encl.pages.next_start(i)
+            if nxt is not None and nxt <= i:
+                raise KernelError(errno.EBUSY, f"page {i} already added", count=done)
+            if self.bulk:
+                room = count - done if nxt is None else min(count - done, nxt - i)
+                n = self._bulk_add(encl, pid, css, i, room, measured, page_type, pref)
+                if n:
+                    done += n
+                    continue
+            try:
+                self._add_one(encl, pid, css, i, measured, page_type, pref)
+            except KernelError as e:
+                e.count = done
+                raise
+            except Blocked as e:
+                raise Blocked(done) from e
+            done += 1
+        return done
+
+    def _add_one(self, encl: Enclave, pid: int, css: MiscCss, i: int, measured: bool,
+                 page_type: SgxPageType, pref: list[int]) -> None:
+        """sgx_encl_add_page: EPC page first, then grow (maybe a VA page), then EADD."""
+        nid = self._alloc(css, pid, True, pref)
+        try:
+            self._grow(encl, css, pid, True, pref)
+        except KernelError:
+            self._free_epc(nid, css, 1, eremove=True)
+            raise
+        except Blocked:
+            self._free_epc(nid, css, 1, eremove=False)
+            raise
+        self.encls["EADD"] += 1
+        if measured:
+            self.encls["EEXTEND"] += SGX_EEXTENDS_PER_PAGE
+        self._insert_resident(encl, Run(i, i + 1, RunState.LRU, encl, node=nid, css=css,
+                                        ptype=page_type))
+
+    def init(self, encl: Enclave) -> None:
+        """SGX_IOC_ENCLAVE_INIT (EINIT). EINVAL if already initialized. From now on the
+        SECS follows its last resident child out of EPC, and SGX2 operations work."""
+        self._check_live(encl)
+        if encl.initialized:
+            raise KernelError(errno.EINVAL, "enclave already initialized")
+        self.encls["EINIT"] += 1
+        encl.initialized = True
+
+    def _check_live(self, encl: Enclave | Vepc) -> None:
+        if encl.released:
+            raise KernelError(errno.EBADF, f"{encl} was released")
+
+    # -- faults ------------------------------------------------------------------------
+
+    def fault(self, encl: Enclave, pid: int, page_index: int,
+              node: int | None = None) -> Fault:
+        """sgx_vma_fault: an access to `page_index` by `pid`.
+
+        A resident page is just mapped; its accessed bit is set (the access that follows
+        the fault), so the reclaimer will pass it over once. An evicted page is loaded
+        back (ELDU, its SECS first if that was evicted too) on the no-reclaim path. An
+        absent page of an initialized enclave is EAUGed (SGX2)."""
+        if encl.released or not 0 <= page_index < encl.size_pages:
+            return Fault.SIGBUS
+        run = encl.pages.get(page_index)
+        if run is None:
+            return self.eaug(encl, pid, page_index, node)
+        if run.state is RunState.EVICTED:
+            try:
+                self._eldu(encl, pid, page_index, self.epc.preference(node), young=True)
+            except KernelError as e:
+                return Fault.RETRY if e.errno == errno.EBUSY else Fault.SIGBUS
+            return Fault.OK
+        if not run.young:
+            pages = encl.pages
+            pages.cut(page_index)
+            pages.cut(page_index + 1)
+            k = pages.find(page_index)
+            pages.runs[k].young = True
+            pages.merge_at(k)
+        return Fault.OK
+
+    def _eldu(self, encl: Enclave, pid: int, i: int, pref: list[int], young: bool) -> None:
+        """sgx_encl_load_page for an evicted child: SECS first if needed, then ELDU the
+        page on the no-reclaim path; it goes back on the LRU tail."""
+        css = self.h.cgroup_of(pid).effective_misc()
+        self._load_secs(encl, css, pid, pref)
+        nid = self._alloc(css, pid, False, pref)
+        self.encls["ELDU"] += 1
+        pages = encl.pages
+        pages.cut(i)
+        pages.cut(i + 1)
+        run = pages.get(i)
+        self._leave_backing(encl, i, run.memcg)
+        run.memcg = None
+        encl.nr_evicted -= 1
+        encl.secs_child_cnt += 1
+        run.node, run.css, run.young = nid, css, young
+        self._lru_append(run)
+
+    def _load_secs(self, encl: Enclave, css: MiscCss, pid: int, pref: list[int]) -> None:
+        """sgx_encl_load_secs: ELDU the SECS (no reclaim) if it was written back."""
+        if encl.secs_css is not None:
+            return
+        nid = self._alloc(css, pid, False, pref)
+        self.encls["ELDU"] += 1
+        encl.secs_node, encl.secs_css = nid, css
+        self._leave_backing(encl, encl.secs_index, encl.secs_memcg)
+        encl.secs_memcg = None
+
+    def _leave_backing(self, encl: Enclave, i: int, memcg) -> None:
+        """Index i was loaded back: free its contents page and its VA slot, and its PCMD
+        page if that now serves nothing (__sgx_encl_eldu's truncations)."""
+        encl.va_used -= 1
+        self.h.memory_uncharge(memcg, 1, encl.owner)
+        for mc, n in encl.pcmd_drop(encl.pcmd_emptied(i, i + 1)):
+            self.h.memory_uncharge(mc, n, encl.owner)
+
+    def eaug(self, encl: Enclave, pid: int, page_index: int,
+             node: int | None = None) -> Fault:
+        """sgx_encl_eaug_page: add a pending REG page to an initialized enclave on
+        first access. Allocation is no-reclaim (EBUSY → RETRY, else SIGBUS)."""
+        if encl.released or not encl.initialized or not 0 <= page_index < encl.size_pages:
+            return Fault.SIGBUS
+        if encl.pages.find(page_index) >= 0:
+            return Fault.OK
+        css = self.h.cgroup_of(pid).effective_misc()
+        pref = self.epc.preference(node)
+        try:
+            self._load_secs(encl, css, pid, pref)
+            nid = self._alloc(css, pid, False, pref)
+            try:
+                self._grow(encl, css, pid, False, pref)
+            except KernelError:
+                self._free_epc(nid, css, 1, eremove=True)
+                raise
+        except KernelError as e:
+            return Fault.RETRY if e.errno == errno.EBUSY else Fault.SIGBUS
+        self.encls["EAUG"] += 1
+        self._insert_resident(encl, Run(page_index, page_index + 1, RunState.LRU, encl,
+                                        node=nid, css=css, young=True))
+        return Fault.OK
+
+    # -- SGX2: EDMM ioctls ---------------------------------------------------------------
+
+    def _edmm_check(self, encl: Enclave, first: int, count: int) -> None:
+        """sgx_ioc_sgx2_ready + sgx_validate_offset_length."""
+        self._check_live(encl)
+        if not encl.initialized:
+            raise KernelError(errno.EINVAL, "enclave not initialized")
+        if count < 1 or first < 0 or first + count > encl.size_pages:
+            raise KernelError(errno.EINVAL, "range outside the enclave")
+
+    def _edmm_load(self, encl: Enclave, pid: int, i: int, pref: list[int]) -> Run:
+        """Per page of an EDMM ioctl: direct reclaim, then sgx_encl_load_page (ELDU on the
+        no-reclaim path). EBUSY becomes EAGAIN, any other failure EFAULT."""
+        self.reclaim_direct(pid)
+        run = encl.pages.get(i)
+        if run is None:
+            raise KernelError(errno.EFAULT, f"no page {i}")
+        if run.state is RunState.EVICTED:
+            try:
+                self._eldu(encl, pid, i, pref, young=False)
+            except KernelError as e:
+                err = errno.EAGAIN if e.errno == errno.EBUSY else errno.EFAULT
+                raise KernelError(err, f"cannot load page {i}: {e.why}") from e
+            run = encl.pages.get(i)
+        return run
+
+    def _set_page(self, encl: Enclave, i: int, **attrs) -> None:
+        pages = encl.pages
+        pages.cut(i)
+        pages.cut(i + 1)
+        k = pages.find(i)
+        for name, value in attrs.items():
+            setattr(pages.runs[k], name, value)
+        pages.merge_at(k)
+
+    def restrict_permissions(self, encl: Enclave, pid: int, first: int, count: int,
+                             node: int | None = None) -> int:
+        """SGX_IOC_ENCLAVE_RESTRICT_PERMISSIONS: EMODPR + ETRACK per page. EINVAL on a
+        non-REG page (TCS permissions cannot be restricted). Returns pages done; errors
+        carry `count`. Permission bits themselves are the enclave server's business."""
+        self._edmm_check(encl, first, count)
+        pref = self.epc.preference(node)
+        for c in range(count):
+            try:
+                run = self._edmm_load(encl, pid, first + c, pref)
+                if run.ptype != SgxPageType.REG:
+                    raise KernelError(errno.EINVAL, f"page {first + c} is {run.ptype.name}")
+            except KernelError as e:
+                e.count = c
+                raise
+            self.encls["EMODPR"] += 1
+            self.encls["ETRACK"] += 1
+        return count
+
+    def modify_types(self, encl: Enclave, pid: int, first: int, count: int,
+                     page_type: SgxPageType, node: int | None = None) -> int:
+        """SGX_IOC_ENCLAVE_MODIFY_TYPES to TCS or TRIM: EMODT + ETRACK per page.
+
+        REG → TCS or TRIM, TCS → TRIM; anything else EINVAL. REG → TCS unmarks the page
+        while its PTEs are zapped and marks it again (it moves to the LRU tail); a page
+        the reclaimer holds cannot be unmarked: EAGAIN."""
+        if page_type not in (SgxPageType.TCS, SgxPageType.TRIM):
+            self._check_live(encl)
+            raise KernelError(errno.EINVAL, f"cannot change pages to {page_type!r}")
+        self._edmm_check(encl, first, count)
+        pref = self.epc.preference(node)
+        for c in range(count):
+            i = first + c
+            try:
+                run = self._edmm_load(encl, pid, i, pref)
+                if not (run.ptype == SgxPageType.REG or
+                        (run.ptype == SgxPageType.TCS and page_type == SgxPageType.TRIM)):
+                    raise KernelError(errno.EINVAL, f"page {i} is {run.ptype.name}")
+                if run.ptype == SgxPageType.REG and page_type == SgxPageType.TCS:
+                    if run.state is not RunState.LRU:
+                        raise KernelError(errno.EAGAIN, f"page {i} is being reclaimed")
+                    self._requeue(encl, i)
+            except KernelError as e:
+                e.count = c
+                raise
+            self.encls["EMODT"] += 1
+            self.encls["ETRACK"] += 1
+            self._set_page(encl, i, ptype=page_type, accepted=False)
+        return count
+
+    def _requeue(self, encl: Enclave, i: int) -> None:
+        """Unmark then mark page i reclaimable again: it moves to its LRU's tail."""
+        pages = encl.pages
+        pages.cut(i)
+        pages.cut(i + 1)
+        run = pages.get(i)
+        self._lru_unlink(run)
+        self._lru_append(run)
+
+    def accept(self, encl: Enclave, first: int, count: int) -> int:
+        """EACCEPT from inside the enclave (ENCLU, no syscall): acknowledges TRIMmed pages
+        so REMOVE_PAGES may remove them. The service faults a page in before accepting
+        it, as the enclave's access would. Returns the pages present in the range."""
+        self._check_live(encl)
+        pages = encl.pages
+        present = 0
+        for run in pages.isolate(first, first + count):
+            present += len(run)
+            if run.ptype == SgxPageType.TRIM:
+                run.accepted = True
+        for run in pages.overlapping(first, first + count):
+            k = pages.find(run.start)
+            if k >= 0:
+                pages.merge_at(k)
+        self.encls["EACCEPT"] += present
+        return present
+
+    def remove_pages(self, encl: Enclave, pid: int, first: int, count: int,
+                     node: int | None = None) -> int:
+        """SGX_IOC_ENCLAVE_REMOVE_PAGES: only TRIM pages the enclave has EACCEPTed
+        (else EPERM: the kernel's EMODPR probe tells); a page the reclaimer holds gives
+        EBUSY. Each page is EREMOVEd and freed; VA pages stay (page_cnt shrinks)."""
+        self._edmm_check(encl, first, count)
+        pref = self.epc.preference(node)
+        for c in range(count):
+            i = first + c
+            try:
+                run = self._edmm_load(encl, pid, i, pref)
+                if run.ptype != SgxPageType.TRIM:
+                    raise KernelError(errno.EPERM, f"page {i} is not trimmed")
+                self.encls["EMODPR"] += 1
+                if not run.accepted:
+                    raise KernelError(errno.EPERM, f"page {i} not accepted")
+                if run.state is not RunState.LRU:
+                    raise KernelError(errno.EBUSY, f"page {i} is being reclaimed")
+            except KernelError as e:
+                e.count = c
+                raise
+            pages = encl.pages
+            pages.cut(i)
+            pages.cut(i + 1)
+            k = pages.find(i)
+            run = pages.runs[k]
+            self._lru_unlink(run)
+            pages.pop(k)
+            self._free_epc(run.node, run.css, 1, eremove=True)
+            encl.secs_child_cnt -= 1
+            encl.nr_pages -= 1
+            encl.page_cnt -= 1
+        return count
+
+    # -- release -------------------------------------------------------------------------
+
+    def release(self, encl: Enclave) -> None:
+        """sgx_encl_release: the last reference is gone. Every resident child is EREMOVEd
+        and freed, the backing store with its charges goes, then the SECS and the VA pages.
+
+        Pages a reclaim batch holds at this moment are left to it: it skips their write-
+        back and frees them in its free step. (The kernel's reclaimer holds an enclave
+        reference, so there the whole release waits for the batch; the model releases the
+        rest at once, which changes only when the other pages come back.)
+        """
+        if encl.released:
+            return
+        uncharge: Counter[tuple[int, MiscCss]] = Counter()
+        for run in encl.pages:
+            if run.state is RunState.LRU:
+                self._lru_unlink(run)
+                uncharge[(run.node, run.css)] += len(run)
+            elif run.state is RunState.ISOLATED:
+                run.state = RunState.ORPHAN
+            else:
+                self.h.memory_uncharge(run.memcg, len(run), encl.owner)
+        for span in encl.pcmd:
+            self.h.memory_uncharge(span.value, len(span), encl.owner)
+        if encl.secs_css is not None:
+            uncharge[(encl.secs_node, encl.secs_css)] += 1
+        elif encl.secs_memcg is not None:
+            self.h.memory_uncharge(encl.secs_memcg, 1, encl.owner)
+        uncharge.update(encl.va)
+        for (nid, css), n in uncharge.items():
+            self._free_epc(nid, css, n, eremove=True)
+        encl.released = True
+        encl.pages = type(encl.pages)()
+        encl.pcmd = type(encl.pcmd)()
+        encl.va.clear()
+        encl.secs_css = encl.secs_memcg = None
+        encl.nr_pages = encl.nr_evicted = encl.secs_child_cnt = encl.nr_pcmd = 0
+        encl.va_pages = encl.va_used = 0
+        del self.enclaves[encl.id]
+
+    # -- vEPC ---------------------------------------------------------------------------
+
+    def create_vepc(self, pid: int) -> Vepc:
+        """open(/dev/sgx_vepc): an empty guest EPC; pages come with faults."""
+        vepc = Vepc(self._next_id, pid)
+        self._next_id += 1
+        self.vepcs[vepc.id] = vepc
+        return vepc
+
+    def vepc_fault(self, vepc: Vepc, pid: int, page_index: int,
+                   node: int | None = None) -> Fault:
+        """sgx_vepc_fault: back a guest page with an EPC page charged to the VMM's
+        cgroup, no reclaim. EBUSY → RETRY (VM_FAULT_RETRY); ENOMEM etc. → SIGBUS."""
+        if vepc.released or page_index < 0:
+            return Fault.SIGBUS
+        if vepc.pages.find(page_index) >= 0:
+            return Fault.OK
+        css = self.h.cgroup_of(pid).effective_misc()
+        try:
+            nid = self._alloc(css, pid, False, self.epc.preference(node))
+        except KernelError as e:
+            return Fault.RETRY if e.errno == errno.EBUSY else Fault.SIGBUS
+        k = vepc.pages.insert(Run(page_index, page_index + 1, RunState.VEPC, None,
+                                  node=nid, css=css))
+        vepc.pages.merge_at(k)
+        vepc.nr_pages += 1
+        return Fault.OK
+
+    def release_vepc(self, vepc: Vepc) -> None:
+        """close(): EREMOVE and free every guest page."""
+        if vepc.released:
+            return
+        for run in vepc.pages:
+            self._free_epc(run.node, run.css, len(run), eremove=True)
+        vepc.pages = type(vepc.pages)()
+        vepc.nr_pages = 0
+        vepc.released = True
+        del self.vepcs[vepc.id]
+
+    # -- queries for the service and the fs ---------------------------------------------
+
+    def lru_pages(self, css: MiscCss) -> int:
+        """Reclaimable pages charged to css itself."""
+        return epc_cg(css).lru.pages

@@ -1,0 +1,49 @@
+"""Small builders shared by the model tests."""
+
+from __future__ import annotations
+
+from epcfs.model import Cgroup, Hierarchy, Sgx
+from epcfs.model.constants import PAGE_SIZE, SGX_EPC
+
+MiB = 1 << 20
+
+
+def make_sgx(*sections: tuple[int, int], sanitize: bool = True,
+             bulk: bool = True) -> tuple[Hierarchy, Sgx]:
+    """A hierarchy with misc and memory enabled at the root, and an SGX on `sections`
+    (default: one 16 MiB section on node 0), sanitized unless told otherwise."""
+    h = Hierarchy()
+    sgx = Sgx(h, list(sections) or [(0, 16 * MiB)], bulk=bulk)
+    if sanitize:
+        sgx.sanitize_all()
+    h.write_subtree_control(h.root, "+misc +memory")
+    return h, sgx
+
+
+def cgroup(h: Hierarchy, path: str, *pids: int, misc_max: int | None = None,
+           memory_max: int | None = None) -> Cgroup:
+    """mkdir -p `path` with misc and memory enabled on every level, then move `pids` in.
+    Limits are in bytes (misc) and pages (memory)."""
+    cg = h.root
+    for name in path.strip("/").split("/"):
+        if name not in cg.children:
+            if not cg.is_root:
+                h.write_subtree_control(cg, "+misc +memory")
+            h.mkdir(cg, name)
+        cg = cg.children[name]
+    for pid in pids:
+        h.move(pid, cg)
+    if misc_max is not None:
+        cg.misc.res[SGX_EPC].max = misc_max
+    if memory_max is not None:
+        cg.memory.max = memory_max
+    return cg
+
+
+def usage_pages(cg: Cgroup) -> int:
+    return cg.misc.res[SGX_EPC].usage // PAGE_SIZE
+
+
+def encl_size(pages: int) -> int:
+    """The test_sgx sizing rule: the smallest power of two holding `pages` pages."""
+    return max(PAGE_SIZE, 1 << (pages * PAGE_SIZE - 1).bit_length())
