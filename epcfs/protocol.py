@@ -21,7 +21,7 @@ MAX_MESSAGE = 65536
 
 OPS: dict[str, tuple[str, ...]] = {
     # op: fields (page offsets and counts are in pages from the enclave base)
-    "info": (),  # → sections [[node, bytes], …]: what CPUID leaf 0x12 would report
+    "info": (),  # → sections [[node, bytes], …] and sgx2: what CPUID leaf 0x12 reports
     "create": ("size",),  # SGX_IOC_ENCLAVE_CREATE: SECS + first VA page; size in bytes
     "add": ("offset", "count", "measured", "tcs"),  # SGX_IOC_ENCLAVE_ADD_PAGES → count
     "init": (),  # SGX_IOC_ENCLAVE_INIT

@@ -266,8 +266,14 @@ class Hierarchy:
 
     def misc_uncharge(self, name: str, css: MiscCss, amount: int) -> None:
         self.misc.uncharge(name, css, amount)
-        if css.dead and css.idle():
-            self._css_released(css)
+        self._release_idle(css)
+
+    def _release_idle(self, css: MiscCss | MemCss) -> None:
+        """Free every dead css on the way up that the uncharge left idle: a dying parent
+        lives only as long as its dying children do (they hold a reference on it)."""
+        for level in list(css.ancestors()):
+            if level.dead and level.idle() and level in self.lingering:
+                self._css_released(level)
 
     # -- limits --------------------------------------------------------------------
 
@@ -354,8 +360,7 @@ class Hierarchy:
             self.proc_memory[owner] -= pages
             if not self.proc_memory[owner]:
                 del self.proc_memory[owner]
-        if css.dead and css.idle():
-            self._css_released(css)
+        self._release_idle(css)
 
     def declare_memory(self, pid: int, pages: int) -> None:
         """A workload process says it now holds `pages` more memory (an enclave's source

@@ -187,6 +187,15 @@ class Reclaimer:
         """Charge the backing store page by page; split the run where the outcome changes."""
         encl = run.encl
         memcg = self._backing_memcg(encl, batch.charge_pid)
+        fresh_groups = [g for g0, g1 in encl.pcmd_missing(run.start, run.end)
+                        for g in range(g0, g1) if (encl, g) not in new_pcmd]
+        need = len(run) + len(fresh_groups)
+        if memcg.is_root or memcg.over_limit(need) is None:  # all fit: one charge does
+            self.h.memory_try_charge(memcg, need, owner=encl.owner, current=batch.charge_pid)
+            for g in fresh_groups:
+                new_pcmd[(encl, g)] = memcg
+            run.memcg = memcg
+            return [(run, True)]
         results = []
         for i in range(run.start, run.end):
             g = i // PCMDS_PER_PAGE

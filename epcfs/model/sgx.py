@@ -365,7 +365,7 @@ class Sgx(Reclaimer, BulkLoader, Invariants):
 
     # -- SGX2: EDMM ioctls ---------------------------------------------------------------
 
-    def _edmm_check(self, encl: Enclave, first: int, count: int) -> None:
+    def check_edmm(self, encl: Enclave, first: int, count: int) -> None:
         """sgx_ioc_sgx2_ready + sgx_validate_offset_length."""
         self._check_live(encl)
         if not encl.initialized:
@@ -373,10 +373,12 @@ class Sgx(Reclaimer, BulkLoader, Invariants):
         if count < 1 or first < 0 or first + count > encl.size_pages:
             raise KernelError(errno.EINVAL, "range outside the enclave")
 
-    def _edmm_load(self, encl: Enclave, pid: int, i: int, pref: list[int]) -> Run:
+    def _edmm_load(self, encl: Enclave, pid: int, i: int, pref: list[int],
+                   direct_reclaim: bool) -> Run:
         """Per page of an EDMM ioctl: direct reclaim, then sgx_encl_load_page (ELDU on the
         no-reclaim path). EBUSY becomes EAGAIN, any other failure EFAULT."""
-        self.reclaim_direct(pid)
+        if direct_reclaim:
+            self.reclaim_direct(pid)
         run = encl.pages.get(i)
         if run is None:
             raise KernelError(errno.EFAULT, f"no page {i}")
@@ -399,15 +401,18 @@ class Sgx(Reclaimer, BulkLoader, Invariants):
         pages.merge_at(k)
 
     def restrict_permissions(self, encl: Enclave, pid: int, first: int, count: int,
-                             node: int | None = None) -> int:
+                             node: int | None = None, *, direct_reclaim: bool = True) -> int:
         """SGX_IOC_ENCLAVE_RESTRICT_PERMISSIONS: EMODPR + ETRACK per page. EINVAL on a
         non-REG page (TCS permissions cannot be restricted). Returns pages done; errors
-        carry `count`. Permission bits themselves are the enclave server's business."""
-        self._edmm_check(encl, first, count)
+        carry `count`. Permission bits themselves are the enclave server's business.
+
+        Like every EDMM ioctl it runs sgx_reclaim_direct before each page; a caller that
+        runs reclaim_direct(pid) itself as a separate step passes direct_reclaim=False."""
+        self.check_edmm(encl, first, count)
         pref = self.epc.preference(node)
         for c in range(count):
             try:
-                run = self._edmm_load(encl, pid, first + c, pref)
+                run = self._edmm_load(encl, pid, first + c, pref, direct_reclaim)
                 if run.ptype != SgxPageType.REG:
                     raise KernelError(errno.EINVAL, f"page {first + c} is {run.ptype.name}")
             except KernelError as e:
@@ -418,7 +423,8 @@ class Sgx(Reclaimer, BulkLoader, Invariants):
         return count
 
     def modify_types(self, encl: Enclave, pid: int, first: int, count: int,
-                     page_type: SgxPageType, node: int | None = None) -> int:
+                     page_type: SgxPageType, node: int | None = None, *,
+                     direct_reclaim: bool = True) -> int:
         """SGX_IOC_ENCLAVE_MODIFY_TYPES to TCS or TRIM: EMODT + ETRACK per page.
 
         REG → TCS or TRIM, TCS → TRIM; anything else EINVAL. REG → TCS unmarks the page
@@ -427,12 +433,12 @@ class Sgx(Reclaimer, BulkLoader, Invariants):
         if page_type not in (SgxPageType.TCS, SgxPageType.TRIM):
             self._check_live(encl)
             raise KernelError(errno.EINVAL, f"cannot change pages to {page_type!r}")
-        self._edmm_check(encl, first, count)
+        self.check_edmm(encl, first, count)
         pref = self.epc.preference(node)
         for c in range(count):
             i = first + c
             try:
-                run = self._edmm_load(encl, pid, i, pref)
+                run = self._edmm_load(encl, pid, i, pref, direct_reclaim)
                 if not (run.ptype == SgxPageType.REG or
                         (run.ptype == SgxPageType.TCS and page_type == SgxPageType.TRIM)):
                     raise KernelError(errno.EINVAL, f"page {i} is {run.ptype.name}")
@@ -476,16 +482,16 @@ class Sgx(Reclaimer, BulkLoader, Invariants):
         return present
 
     def remove_pages(self, encl: Enclave, pid: int, first: int, count: int,
-                     node: int | None = None) -> int:
+                     node: int | None = None, *, direct_reclaim: bool = True) -> int:
         """SGX_IOC_ENCLAVE_REMOVE_PAGES: only TRIM pages the enclave has EACCEPTed
         (else EPERM: the kernel's EMODPR probe tells); a page the reclaimer holds gives
         EBUSY. Each page is EREMOVEd and freed; VA pages stay (page_cnt shrinks)."""
-        self._edmm_check(encl, first, count)
+        self.check_edmm(encl, first, count)
         pref = self.epc.preference(node)
         for c in range(count):
             i = first + c
             try:
-                run = self._edmm_load(encl, pid, i, pref)
+                run = self._edmm_load(encl, pid, i, pref, direct_reclaim)
                 if run.ptype != SgxPageType.TRIM:
                     raise KernelError(errno.EPERM, f"page {i} is not trimmed")
                 self.encls["EMODPR"] += 1

@@ -18,6 +18,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 
+from ..model.constants import SGX_MAX_EPC_SECTIONS
 from ..units import parse_size
 
 log = logging.getLogger("epcfs")
@@ -35,6 +36,10 @@ class MountConfig:
     capacity: int = DEFAULT_CAPACITY
     sections: list[tuple[int, int]] | None = None
     """EPC sections as (NUMA node, bytes); None: one section of `capacity` on node 0."""
+    time_scale: float = 20.0
+    """Wall seconds per simulated second of ENCLS work (timing.DEFAULT_SCALE)."""
+    enclave_socket: str | None = None
+    """Where the simulated /dev/sgx_enclave listens; None: protocol.default_socket."""
     foreground: bool = False
     debug: bool = False
     fuse_debug: bool = False
@@ -57,6 +62,13 @@ def add_mount_options(p: argparse.ArgumentParser) -> None:
                    metavar="NODE:SIZE", dest="epc_sections",
                    help="an EPC section of SIZE bytes on NUMA node NODE (repeatable, at most "
                         "8); the capacity is their sum")
+    p.add_argument("--time-scale", type=float, default=None, metavar="X",
+                   help="wall seconds per simulated second of SGX work (default 20: the "
+                        "selftests' runs take realistic seconds at 128M; 0: as fast as "
+                        "possible)")
+    p.add_argument("--enclave-socket", metavar="PATH", default=None,
+                   help="where the simulated /dev/sgx_enclave listens (default: "
+                        "/run/epcfs/<mountpoint>.sock; clients use $EPCFS_SOCKET or that)")
 
 
 def parse_section(text: str) -> tuple[int, int]:
@@ -76,8 +88,8 @@ def _capacity(args: argparse.Namespace) -> tuple[int, list[tuple[int, int]] | No
     capacity = getattr(args, "capacity", None)
     if not sections:
         return (DEFAULT_CAPACITY if capacity is None else capacity), None
-    if len(sections) > 8:  # SGX_MAX_EPC_SECTIONS
-        raise SystemExit("epcfs: at most 8 --epc-section options (SGX_MAX_EPC_SECTIONS)")
+    if len(sections) > SGX_MAX_EPC_SECTIONS:
+        raise SystemExit(f"epcfs: at most {SGX_MAX_EPC_SECTIONS} --epc-section options")
     total = sum(size for _, size in sections)
     if capacity is not None and capacity != total:
         raise SystemExit(f"epcfs: --capacity {capacity} disagrees with the --epc-section "
@@ -87,10 +99,13 @@ def _capacity(args: argparse.Namespace) -> tuple[int, list[tuple[int, int]] | No
 
 def config_from_args(args: argparse.Namespace, mountpoint: str) -> MountConfig:
     capacity, sections = _capacity(args)
+    scale = getattr(args, "time_scale", None)
     return MountConfig(
         mountpoint=os.path.abspath(mountpoint),
         capacity=capacity,
         sections=sections,
+        time_scale=MountConfig.time_scale if scale is None else scale,
+        enclave_socket=getattr(args, "enclave_socket", None),
         foreground=getattr(args, "foreground", False) or getattr(args, "debug", False),
         debug=getattr(args, "debug", False),
     )
@@ -192,8 +207,24 @@ def serve(cfg: MountConfig, ready) -> int:
     from ..fs.procs import ProcessTracker
     from ..model.cgroup import Hierarchy
 
-    hierarchy = Hierarchy({"sgx_epc": cfg.capacity})
+    from ..model.sgx import Sgx
+    from ..protocol import default_socket
+    from .enclave_server import EnclaveServer
+    from .reclaimers import Reclaimers
+    from .steps import Stepper
+
+    hierarchy = Hierarchy()
+    sections = cfg.sections or [(0, cfg.capacity)]
+    sgx = Sgx(hierarchy, sections)
+    # The machine booted long before anyone could look: ksgxd's EREMOVE pass over every
+    # EPC page is done before the mount answers (its time is not spent; a selftest run
+    # right after mounting must not meet a half-sanitized EPC and fail with ENOMEM).
+    sgx.sanitize_all()
     tracker = ProcessTracker(hierarchy)
+    steps = Stepper(sgx, tracker, cfg.time_scale)
+    reclaimers = Reclaimers(sgx, steps)
+    server = EnclaveServer(sgx, tracker, sections, steps)
+    socket_path = cfg.enclave_socket or default_socket(cfg.mountpoint)
     fs = CgroupFs(Context(hierarchy, tracker))
     options = set(pyfuse3.default_options)
     options |= {"fsname=epcfs", "subtype=epcfs", "allow_other"}
@@ -205,10 +236,8 @@ def serve(cfg: MountConfig, ready) -> int:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_signals, nursery)
             nursery.start_soon(tracker.run)
-            # -- EPC reclaimers (integrated by the lead): ksgxd and the per-cgroup async
-            #    reclaim work start here, on the EPC built from cfg.sections, e.g.
-            #    nursery.start_soon(ksgxd, epc). They share this loop with the fs: each
-            #    step must await between reclaim batches (no step holds the loop long).
+            nursery.start_soon(reclaimers.run)
+            await nursery.start(server.serve, socket_path)
             nursery.start_soon(_announce_ready, cfg.mountpoint, ready)
             await fuse_loop.main()
             nursery.cancel_scope.cancel()

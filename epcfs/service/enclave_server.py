@@ -176,7 +176,7 @@ def _enclave(conn: Connection) -> Enclave:
 
 
 async def _info(srv: EnclaveServer, conn: Connection, req: dict) -> dict:
-    return {"ok": True, "sections": [list(s) for s in srv.sections]}
+    return {"ok": True, "sections": [list(s) for s in srv.sections], "sgx2": True}
 
 
 async def _create(srv: EnclaveServer, conn: Connection, req: dict) -> dict:
@@ -228,6 +228,7 @@ def _edmm(method: str, *extra: str) -> Handler:
         encl = _enclave(conn)
         first, count = int(req["offset"]), int(req["count"])
         args = [SgxPageType(int(req[name])) for name in extra]
+        srv.sgx.check_edmm(encl, first, count)
         for c in range(count):
             await srv.step(conn, srv.sgx.reclaim_direct, conn.pid)
             try:
@@ -243,12 +244,16 @@ def _edmm(method: str, *extra: str) -> Handler:
 async def _accept(srv: EnclaveServer, conn: Connection, req: dict) -> dict:
     """EACCEPT runs inside the enclave: each page is accessed (faulted in) first."""
     encl = _enclave(conn)
-    for i in range(int(req["offset"]), int(req["offset"]) + int(req["count"])):
-        bus = await srv.fault_in(conn, srv.sgx.fault, encl, i, 1)
+    first, count = int(req["offset"]), int(req["count"])
+    for c in range(count):
+        bus = await srv.fault_in(conn, srv.sgx.fault, encl, first + c, 1)
         if bus:
             return bus
-        await srv.step(conn, srv.sgx.accept, encl, i, 1)
-    return {"ok": True}
+        try:
+            await srv.step(conn, srv.sgx.accept, encl, first + c, 1)
+        except KernelError as e:
+            return {"errno": e.errno, "count": c}
+    return {"ok": True, "count": count}
 
 
 async def _vepc(srv: EnclaveServer, conn: Connection, req: dict) -> dict:
@@ -262,7 +267,6 @@ async def _vepc(srv: EnclaveServer, conn: Connection, req: dict) -> dict:
 async def _declare(srv: EnclaveServer, conn: Connection, req: dict) -> dict:
     pages = -(-int(req["bytes"]) // PAGE_SIZE)
     await srv.step(conn, srv.sgx.h.declare_memory, conn.pid, pages)
-    conn.declared += pages
     return {"ok": True}
 
 

@@ -48,6 +48,7 @@ def run_in_epcfs(args: argparse.Namespace, command: Sequence[str], *, cwd: str |
     enter_private_mount_namespace()
     workdir = tempfile.mkdtemp(prefix="epcfs-run-")
     cfg = config_from_args(args, CGROUP_ROOT)
+    cfg.enclave_socket = os.path.join(workdir, "sgx_enclave")
     try:
         daemon = start_detached(cfg)
     except RuntimeError as e:
@@ -56,7 +57,7 @@ def run_in_epcfs(args: argparse.Namespace, command: Sequence[str], *, cwd: str |
         return 1
     try:
         fake_proc_mounts(workdir)
-        env = dict(os.environ)
+        env = dict(os.environ, EPCFS_SOCKET=cfg.enclave_socket)
         if path_prefix:
             env["PATH"] = f"{path_prefix}:{env.get('PATH', '/usr/bin:/bin')}"
         # Ctrl-C reaches CMD (same process group); we stay to tear down after it.

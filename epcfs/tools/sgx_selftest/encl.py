@@ -42,13 +42,8 @@ import os
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
 
 from .harness import Metadata, die_by_signal, perror
-
-if TYPE_CHECKING:
-    from ...client import Enclave
 
 PAGE_SIZE = 4096
 PROT_READ, PROT_WRITE, PROT_EXEC = 1, 2, 4
@@ -74,13 +69,18 @@ ERESTARTSYS = 512
 """Kernel-internal: an ioctl interrupted before doing anything is restarted."""
 
 
-@dataclass(frozen=True)
 class Segment:
-    offset: int
-    size: int
-    prot: int
-    measure: bool = True
-    tcs: bool = False
+    """struct encl_segment: offsets and sizes in bytes, prot as PROT_* bits."""
+
+    __slots__ = ("offset", "size", "prot", "measure", "tcs")
+
+    def __init__(self, offset: int, size: int, prot: int, measure: bool = True,
+                 tcs: bool = False) -> None:
+        self.offset = offset
+        self.size = size
+        self.prot = prot
+        self.measure = measure
+        self.tcs = tcs
 
 
 IMAGE = (
@@ -103,15 +103,26 @@ _BASE_HINT = 0x7F0000000000
 """Where encl_map_area()'s reservation lands (only used in addresses the tests print)."""
 
 
-@dataclass(frozen=True)
 class Page:
-    """EPCM entry of one enclave page, as far as the CPU's checks go."""
+    """EPCM entry of one enclave page, as far as the CPU's checks go (immutable)."""
 
-    ptype: int = PAGE_TYPE_REG
-    perms: int = RW
-    pending: bool = False  # EAUG'd, not yet EACCEPTed
-    modified: bool = False  # EMODT'd, not yet EACCEPTed
-    pr: bool = False  # EMODPR'd, not yet EACCEPTed
+    __slots__ = ("ptype", "perms", "pending", "modified", "pr")
+
+    def __init__(self, ptype: int = PAGE_TYPE_REG, perms: int = RW, pending: bool = False,
+                 modified: bool = False, pr: bool = False) -> None:
+        self.ptype = ptype
+        self.perms = perms
+        self.pending = pending  # EAUG'd, not yet EACCEPTed
+        self.modified = modified  # EMODT'd, not yet EACCEPTed
+        self.pr = pr  # EMODPR'd, not yet EACCEPTed
+
+    def but(self, **changes) -> Page:
+        fields = {name: getattr(self, name) for name in self.__slots__}
+        return Page(**{**fields, **changes})
+
+
+def replace(page: Page | None, **changes) -> Page | None:
+    return page.but(**changes) if page is not None else None
 
 
 class Fault(Exception):  # noqa: N818 — a CPU exception, not an error of this program
@@ -124,30 +135,36 @@ class Fault(Exception):  # noqa: N818 — a CPU exception, not an error of this 
         self.addr = addr
 
 
-@dataclass
 class Run:
     """struct sgx_enclave_run: the fields the tests read."""
 
-    tcs: int = 0  # address of the TCS to enter
-    function: int = 0
-    exception_vector: int = 0
-    exception_error_code: int = 0
-    exception_addr: int = 0
-    user_data: int = 0
+    __slots__ = ("tcs", "function", "exception_vector", "exception_error_code",
+                 "exception_addr", "user_data")
+
+    def __init__(self, tcs: int = 0) -> None:
+        self.tcs = tcs  # address of the TCS to enter
+        self.function = 0
+        self.exception_vector = 0
+        self.exception_error_code = 0
+        self.exception_addr = 0
+        self.user_data = 0
 
 
-@dataclass
 class Op:
     """An encl_op_* request: `kind` plus its fields; results (value, ret) come back in it."""
 
-    kind: str
-    addr: int = 0
-    value: int = 0
-    flags: int = 0
-    ret: int = 0
-    tcs_page: int = 0
-    ssa: int = 0
-    entry: int = 0
+    __slots__ = ("kind", "addr", "value", "flags", "ret", "tcs_page", "ssa", "entry")
+
+    def __init__(self, kind: str, *, addr: int = 0, value: int = 0, flags: int = 0,
+                 tcs_page: int = 0, ssa: int = 0, entry: int = 0) -> None:
+        self.kind = kind
+        self.addr = addr
+        self.value = value
+        self.flags = flags
+        self.ret = 0
+        self.tcs_page = tcs_page
+        self.ssa = ssa
+        self.entry = entry
 
 
 def _signum(name: str) -> int:
@@ -164,7 +181,7 @@ class TestEnclave:
 
     def __init__(self, md: Metadata) -> None:
         self.md = md
-        self.conn: Enclave | None = None
+        self.conn = None  # an epcfs.client.Enclave while the device is open
         self._cpuid: dict | None = None
         self.segments: list[Segment] = []
         self.encl_size = 0
@@ -181,7 +198,7 @@ class TestEnclave:
 
     # -- the device --------------------------------------------------------------------
 
-    def _device(self) -> Enclave:
+    def _device(self):  # -> epcfs.client.Enclave
         """open("/dev/sgx_enclave", O_RDWR): a connection to the daemon. No daemon (no
         socket, or nobody listening on it) is a missing device node."""
         if self.conn is not None:
@@ -316,13 +333,13 @@ class TestEnclave:
     def modify_types(self, offset: int, length: int, page_type: int) -> tuple[int, int, int]:
         """SGX_IOC_ENCLAVE_MODIFY_TYPES → (ret, errno, count in bytes)."""
         return self._edmm("modify_types", offset, length,
-                          lambda p: p and replace(p, ptype=page_type, modified=True),
+                          lambda p: replace(p, ptype=page_type, modified=True),
                           page_type=page_type)
 
     def restrict(self, offset: int, length: int, perms: int) -> tuple[int, int, int]:
         """SGX_IOC_ENCLAVE_RESTRICT_PERMISSIONS → (ret, errno, count in bytes)."""
         return self._edmm("restrict", offset, length,
-                          lambda p: p and replace(p, perms=perms, pr=True), permissions=perms)
+                          lambda p: replace(p, perms=perms, pr=True), permissions=perms)
 
     def remove(self, offset: int, length: int) -> tuple[int, int, int]:
         """SGX_IOC_ENCLAVE_REMOVE_PAGES → (ret, errno, count in bytes)."""
@@ -513,7 +530,7 @@ class TestEnclave:
 
     def _accepted(self, start: int, end: int) -> None:
         self._override(start, end,
-                       lambda pg: pg and replace(pg, pending=False, modified=False, pr=False))
+                       lambda pg: replace(pg, pending=False, modified=False, pr=False))
 
     def eaccept_range(self, run: Run, first: int, count: int) -> tuple[int, int]:
         """The EACCEPT-every-page loop of the oversubscribed remove test, its one entry

@@ -27,9 +27,7 @@ import select
 import signal
 import sys
 import time
-import traceback
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 
 KSFT_PASS = 0
 KSFT_FAIL = 1
@@ -144,26 +142,40 @@ def getopt(args: list[str], optstring: str) -> Iterator[tuple[str, str | None]]:
 # Tests and fixtures.
 
 
-@dataclass(frozen=True)
 class TestCase:
-    name: str
-    fn: Callable[[Metadata], None]
-    timeout: int = TIMEOUT_DEFAULT
+    """TEST_F(fixture, name) or TEST_F_TIMEOUT(fixture, name, timeout)."""
+
+    __slots__ = ("name", "fn", "timeout")
+    __test__ = False  # not a pytest class
+
+    def __init__(self, name: str, fn: Callable[[Metadata], None],
+                 timeout: int = TIMEOUT_DEFAULT) -> None:
+        self.name = name
+        self.fn = fn
+        self.timeout = timeout
 
 
-@dataclass(frozen=True)
 class Fixture:
-    name: str
-    tests: tuple[TestCase, ...] = ()
-    variants: tuple[str, ...] = ("",)
-    """A fixture without FIXTURE_VARIANT runs once, under the unnamed variant."""
+    """A fixture and its tests; without FIXTURE_VARIANT it runs once, unnamed variant."""
+
+    __slots__ = ("name", "tests", "variants")
+
+    def __init__(self, name: str, tests: tuple[TestCase, ...] = (),
+                 variants: tuple[str, ...] = ("",)) -> None:
+        self.name = name
+        self.tests = tests
+        self.variants = variants
 
 
-@dataclass(frozen=True)
 class Selected:
-    fixture: Fixture
-    variant: str
-    test: TestCase
+    """One test under one variant of its fixture."""
+
+    __slots__ = ("fixture", "variant", "test")
+
+    def __init__(self, fixture: Fixture, variant: str, test: TestCase) -> None:
+        self.fixture = fixture
+        self.variant = variant
+        self.test = test
 
     @property
     def full_name(self) -> str:
@@ -325,6 +337,8 @@ def _child(test: TestCase, reason: mmap.mmap) -> None:
         finally:
             md.teardown.clear()
     except BaseException:  # noqa: BLE001 — a bug here must not leak into the parent's loop
+        import traceback
+
         err(traceback.format_exc())
         code = KSFT_FAIL
     finally:
@@ -406,14 +420,11 @@ def _passed(code: int) -> bool:
     return code != KSFT_FAIL and code <= KSFT_SKIP
 
 
-@dataclass
 class Counts:
-    pass_: int = 0
-    fail: int = 0
-    xfail: int = 0
-    xpass: int = 0
-    skip: int = 0
-    error: int = 0
+    """ksft_cnt."""
+
+    def __init__(self) -> None:
+        self.pass_ = self.fail = self.xfail = self.xpass = self.skip = self.error = 0
 
     @property
     def run(self) -> int:
