@@ -21,6 +21,7 @@ import argparse
 import functools
 import multiprocessing as mp
 import os
+import queue
 import signal
 import subprocess
 import sys
@@ -62,10 +63,16 @@ def measure(path: str, readers: int, seconds: float) -> float:
     time.sleep(0.1)
     t0 = time.perf_counter()
     start.set()
-    total = sum(result.get() for _ in procs)
+    try:
+        total = sum(result.get(timeout=seconds + 30) for _ in procs)
+    except queue.Empty:
+        raise SystemExit(f"a reader of {path} failed") from None
+    finally:
+        for p in procs:
+            p.join(5)
+            if p.is_alive():
+                p.kill()
     elapsed = time.perf_counter() - t0
-    for p in procs:
-        p.join()
     return total / max(elapsed, seconds)
 
 

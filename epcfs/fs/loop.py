@@ -7,19 +7,19 @@ queued: an epoll_ctl, an extra epoll_wait and a park/unpark of the task each tim
 module replaces that wait (pyfuse3's module-level `_wait_fuse_readable`, which its
 compiled session loop looks up by name on every call) with one that
 
-1. takes a trio.Lock, as the original does: only the lock holder may read the device,
-   and acquiring it is a scheduling point, so every other task (process tracker,
-   reclaimers) still runs between two requests;
-2. returns at once if a request is already queued (a poll() with zero timeout);
-3. otherwise polls for up to SPIN_SECONDS before sleeping in trio: a reader's next
-   request (READ right after OPEN) usually arrives within that window, and catching it
-   without a sleep/wake-up cycle roughly halves the latency of a single `cat`;
-4. otherwise sleeps in wait_readable, as the original.
+1. yields once (a trio checkpoint), so every other task (process tracker, reclaimers)
+   still runs between two requests;
+2. returns at once if a request is already queued (a poll() with zero timeout): the
+   session loop then reads it without yielding, so no other task can take it first;
+3. otherwise one task (the watcher) polls for up to SPIN_SECONDS before sleeping in
+   wait_readable: a reader's next request (READ right after OPEN) usually arrives within
+   that window, and catching it without a sleep/wake-up cycle roughly halves the latency
+   of a single `cat`; the other idle workers park until the watcher leaves.
 
-The loop is not held longer than SPIN_SECONDS by the spin. The device is left blocking:
-the lock and "poll, then read without yielding" guarantee that whoever reads it has a
-request to read. pyfuse3.terminate is wrapped so a stopping flag is seen by tasks
-queued on the lock (the original checks fuse_session_exited(), which Python cannot).
+The loop is not held longer than SPIN_SECONDS by the spin. The device stays blocking:
+"poll, then read without yielding" guarantees that whoever reads it has a request to
+read. pyfuse3.terminate is wrapped so a stopping flag is seen by parked workers (the
+original checks fuse_session_exited(), which Python cannot).
 
 If pyfuse3 ever stops exposing `_wait_fuse_readable`, `main()` runs pyfuse3's loop
 unchanged.
@@ -68,29 +68,39 @@ def _install() -> bool:
     poller.register(fd, select.POLLIN)
     poll = poller.poll
     clock = time.perf_counter
-    lock = trio.Lock()
+    checkpoint = trio.lowlevel.checkpoint
+    idle = trio.lowlevel.ParkingLot()
+    watching = False
 
     async def wait_fuse_readable() -> bool:
-        try:
-            async with lock:
-                if _stopping:
-                    return False
-                if poll(0):
-                    return True
+        nonlocal watching
+        await checkpoint()
+        while not _stopping:
+            if poll(0):
+                return True  # the caller reads it before anything else runs
+            if watching:
+                await idle.park()
+                continue
+            watching = True
+            try:
                 end = clock() + SPIN_SECONDS
                 while clock() < end:
                     if poll(0):
                         return True
                 await trio.lowlevel.wait_readable(fd)
-                return not _stopping
-        except trio.ClosedResourceError:
-            return False
+            except trio.ClosedResourceError:
+                return False
+            finally:
+                watching = False
+                idle.unpark()
+        return False
 
     original_terminate = pyfuse3.terminate
 
     def terminate() -> None:
         global _stopping
         _stopping = True
+        idle.unpark_all()
         original_terminate()
 
     pyfuse3._wait_fuse_readable = wait_fuse_readable

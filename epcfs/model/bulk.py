@@ -72,6 +72,7 @@ class BulkLoader:
     epc: Epc
     encls: Counter[str]
     _ksgxd_wake: bool
+    stepwise_reclaim: bool
 
     def _bulk_add(self, encl: Enclave, pid: int, css: MiscCss, first: int, n: int,
                   measured: bool, ptype: SgxPageType, pref: list[int]) -> int:
@@ -92,7 +93,7 @@ class BulkLoader:
             return pages + va_pages_for(c0, pages)
 
         k_max = 0
-        if free >= headroom and allocs(n) > headroom:
+        if free >= headroom and allocs(n) > headroom and not self.stepwise_reclaim:
             k_max = self._rounds_possible(css, pid, rounds_for(allocs(n), headroom))
         budget = headroom + SGX_NR_TO_SCAN * k_max if k_max else min(headroom, free)
         lo, hi = 0, n  # the most pages whose allocations fit the budget

@@ -49,3 +49,23 @@ class Blocked(Exception):  # noqa: N818 (a state, not an error: nothing went wro
     def __init__(self, count: int = 0) -> None:
         super().__init__(count)
         self.count = count
+
+
+class NeedReclaim(Blocked):
+    """In stepwise mode (Sgx.stepwise_reclaim), the kernel would reclaim synchronously
+    here and then try again: the caller runs one reclaim round of `nr_to_scan` pages
+    over `root`'s subtree, charging the backing store to `charge_pid`'s memcg, as the
+    three separate steps (isolate, write back, free) with time between them, and calls
+    the operation again for the rest.
+
+    That is where the kernel's race lives: while a batch is between isolate and free its
+    pages are off the LRU, so another task's failed charge may find its cgroup's LRUs
+    empty and get ENOMEM. Done inside one call the window would never open.
+    """
+
+    def __init__(self, root: object, charge_pid: int | None, nr_to_scan: int,
+                 count: int = 0) -> None:
+        super().__init__(count)
+        self.root = root
+        self.charge_pid = charge_pid
+        self.nr_to_scan = nr_to_scan

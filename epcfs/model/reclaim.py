@@ -16,6 +16,13 @@ A batch is one sgx_reclaim_pages() call split where the kernel's races live:
    right there, as sgx_reclaimer_write does.
 3. free_batch(batch): the EPC pages go back to their nodes' free lists, uncharged.
 
+Counting (decisions where the kernel's count depends on hardware state): EBLOCK and EWB
+once per page written back; ETRACK once per enclave per batch, because the first EWB
+after the batch's EBLOCKs finds the epoch untracked (SGX_NOT_TRACKED), and the ETRACK it
+then issues covers every page of that enclave blocked before it. The failed first EWB
+attempt is not counted. A page freed after EWB needs no EREMOVE (sgx_free_epc_page);
+the SECS freed after its EWB goes through sgx_encl_free_epc_page, which does one.
+
 A round (cgroup_reclaim_pages) asks the root's fairness iterator for the next css in
 pre-order and runs a batch on it until at least `nr_to_scan` pages were scanned or the
 subtree has nothing left to scan (sgx_cgroup_reclaim_pages).
@@ -184,7 +191,13 @@ class Reclaimer:
 
     def _charge_backing(self, batch: Batch, run: Run,
                         new_pcmd: dict[tuple[Enclave, int], MemCss]) -> list[tuple[Run, bool]]:
-        """Charge the backing store page by page; split the run where the outcome changes."""
+        """Charge the backing store page by page; split the run where the outcome changes.
+
+        A page's contents page and (if its index's PCMD page is not there yet, nor
+        allocated earlier in this batch) its PCMD page are charged as one unit. The
+        kernel allocates them one after the other, so when only the PCMD page fails, the
+        contents page it got stays in the shmem page cache, charged; the model drops that
+        corner (decision: it needs a memcg exactly one page short of the pair)."""
         encl = run.encl
         memcg = self._backing_memcg(encl, batch.charge_pid)
         fresh_groups = [g for g0, g1 in encl.pcmd_missing(run.start, run.end)

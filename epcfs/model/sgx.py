@@ -5,6 +5,8 @@ Sgx is the one object the service drives. Every call is synchronous and either c
 raises KernelError (the kernel's errno; `count` for the multi-page ioctls), or raises
 Blocked (the kernel would spin waiting for an OOM victim; call again later). Each call
 counts the ENCLS leaves it performed in `encls`, which the service turns into time.
+Signals are the service's: where the kernel checks signal_pending (ERESTARTSYS between
+pages or reclaim rounds), the service simply stops calling and answers EINTR.
 
 The caller of every operation is a pid: its cgroup (Hierarchy.cgroup_of) picks the misc
 css charged for the EPC pages it allocates (effective_misc) and, on the synchronous
@@ -24,14 +26,16 @@ from .constants import (
     PAGE_SIZE,
     SGX_EEXTENDS_PER_PAGE,
     SGX_EPC,
+    SGX_NR_TO_SCAN,
     SGX_VA_SLOT_COUNT,
     SgxPageType,
 )
 from .enclave import Enclave, Vepc
 from .epc import Epc
 from .epc_cgroup import epc_cg, forget_css, lru_empty
-from .errors import Blocked, KernelError
+from .errors import Blocked, KernelError, NeedReclaim
 from .invariants import Invariants
+from .memory import MemCss
 from .misc import MiscCss
 from .reclaim import Batch, Reclaimer
 from .runs import Run, RunState
@@ -59,12 +63,16 @@ class Sgx(Reclaimer, BulkLoader, Invariants):
     """
 
     def __init__(self, hierarchy: Hierarchy, sections: list[tuple[int, int]], *,
-                 bulk: bool = True) -> None:
+                 bulk: bool = True, stepwise_reclaim: bool = False) -> None:
         self.h = hierarchy
         self.epc = Epc(sections)
         hierarchy.misc.capacity[SGX_EPC] = self.epc.total_pages * PAGE_SIZE
         hierarchy.misc_release_hooks.append(self._css_freed)
         self.bulk = bulk
+        self.stepwise_reclaim = stepwise_reclaim
+        """The service's mode: the reclaim-allowed paths raise NeedReclaim instead of
+        reclaiming inside the call, so the rounds take time and other tasks run in
+        between (the bulk path then takes only pages that fit without a round)."""
         self.encls: Counter[str] = Counter()
         """Cumulative count of ENCLS (and EACCEPT, EPA) leaves performed, by name."""
         self.enclaves: dict[int, Enclave] = {}
@@ -85,6 +93,8 @@ class Sgx(Reclaimer, BulkLoader, Invariants):
         return done
 
     def sanitize_all(self) -> int:
+        """The whole boot pass at once (tests, benchmarks, a daemon that boots before it
+        serves): every page free."""
         return self.sanitize(self.epc.dirty_total)
 
     @property
@@ -122,6 +132,8 @@ class Sgx(Reclaimer, BulkLoader, Invariants):
                 err = KernelError(errno.ENOMEM, "no free EPC page and nothing reclaimable")
             elif not reclaim:
                 err = KernelError(errno.EBUSY, "no free EPC page")
+            elif self.stepwise_reclaim:
+                err = NeedReclaim(self.h.root.misc, pid, SGX_NR_TO_SCAN)
             else:
                 done = self.reclaim_global(pid)
                 if not done.freed and done.failed:
@@ -145,6 +157,8 @@ class Sgx(Reclaimer, BulkLoader, Invariants):
             if not reclaim:
                 self.queue_work(css)
                 raise KernelError(errno.EBUSY, f"{css.cgroup.path} at its EPC limit")
+            if self.stepwise_reclaim:
+                raise NeedReclaim(css, pid, 1)
             done = self.cgroup_reclaim_pages(css, pid, 1)
             if not done.freed and done.failed:
                 raise Blocked()
@@ -237,7 +251,8 @@ class Sgx(Reclaimer, BulkLoader, Invariants):
                 e.count = done
                 raise
             except Blocked as e:
-                raise Blocked(done) from e
+                e.count = done
+                raise
             done += 1
         return done
 
@@ -281,7 +296,13 @@ class Sgx(Reclaimer, BulkLoader, Invariants):
         A resident page is just mapped; its accessed bit is set (the access that follows
         the fault), so the reclaimer will pass it over once. An evicted page is loaded
         back (ELDU, its SECS first if that was evicted too) on the no-reclaim path. An
-        absent page of an initialized enclave is EAUGed (SGX2)."""
+        absent page of an initialized enclave is EAUGed (SGX2).
+
+        Decision on the accessed bit: the kernel clears the PTE's A bit right after
+        inserting it and the CPU sets it on the access that follows, so the model sets it
+        on every fault and the reclaimer's age check clears it. Pages EADDed, or loaded
+        by an EDMM ioctl, have no access behind them and start old. The service calls
+        fault() for every page an enclave touches; a resident page costs nothing else."""
         if encl.released or not 0 <= page_index < encl.size_pages:
             return Fault.SIGBUS
         run = encl.pages.get(page_index)
@@ -304,7 +325,8 @@ class Sgx(Reclaimer, BulkLoader, Invariants):
 
     def _eldu(self, encl: Enclave, pid: int, i: int, pref: list[int], young: bool) -> None:
         """sgx_encl_load_page for an evicted child: SECS first if needed, then ELDU the
-        page on the no-reclaim path; it goes back on the LRU tail."""
+        page on the no-reclaim path; it goes back on the LRU tail. If the child's page
+        cannot be had, the SECS stays loaded, as in the kernel."""
         css = self.h.cgroup_of(pid).effective_misc()
         self._load_secs(encl, css, pid, pref)
         nid = self._alloc(css, pid, False, pref)
@@ -330,7 +352,7 @@ class Sgx(Reclaimer, BulkLoader, Invariants):
         self._leave_backing(encl, encl.secs_index, encl.secs_memcg)
         encl.secs_memcg = None
 
-    def _leave_backing(self, encl: Enclave, i: int, memcg) -> None:
+    def _leave_backing(self, encl: Enclave, i: int, memcg: MemCss) -> None:
         """Index i was loaded back: free its contents page and its VA slot, and its PCMD
         page if that now serves nothing (__sgx_encl_eldu's truncations)."""
         encl.va_used -= 1
@@ -366,7 +388,9 @@ class Sgx(Reclaimer, BulkLoader, Invariants):
     # -- SGX2: EDMM ioctls ---------------------------------------------------------------
 
     def check_edmm(self, encl: Enclave, first: int, count: int) -> None:
-        """sgx_ioc_sgx2_ready + sgx_validate_offset_length."""
+        """sgx_ioc_sgx2_ready + sgx_validate_offset_length. The simulated CPU has SGX2
+        (no ENODEV); the ioctls' own argument checks (reserved bits, result/count fields
+        non-zero, permission combinations) are the enclave server's, before calling."""
         self._check_live(encl)
         if not encl.initialized:
             raise KernelError(errno.EINVAL, "enclave not initialized")
@@ -429,7 +453,9 @@ class Sgx(Reclaimer, BulkLoader, Invariants):
 
         REG → TCS or TRIM, TCS → TRIM; anything else EINVAL. REG → TCS unmarks the page
         while its PTEs are zapped and marks it again (it moves to the LRU tail); a page
-        the reclaimer holds cannot be unmarked: EAGAIN."""
+        the reclaimer holds cannot be unmarked: EAGAIN. The model keeps no page
+        permissions, so the kernel's EPERM for REG → TCS on a page added without RW is
+        the enclave server's to give."""
         if page_type not in (SgxPageType.TCS, SgxPageType.TRIM):
             self._check_live(encl)
             raise KernelError(errno.EINVAL, f"cannot change pages to {page_type!r}")
@@ -524,7 +550,9 @@ class Sgx(Reclaimer, BulkLoader, Invariants):
         Pages a reclaim batch holds at this moment are left to it: it skips their write-
         back and frees them in its free step. (The kernel's reclaimer holds an enclave
         reference, so there the whole release waits for the batch; the model releases the
-        rest at once, which changes only when the other pages come back.)
+        rest at once, which changes only when the other pages come back. For the same
+        reason the SECS is always freed here: the kernel's "only if no child is left"
+        guard matters only for children it skipped, which the model never leaves.)
         """
         if encl.released:
             return

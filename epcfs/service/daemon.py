@@ -40,6 +40,10 @@ class MountConfig:
     """Wall seconds per simulated second of ENCLS work (timing.DEFAULT_SCALE)."""
     enclave_socket: str | None = None
     """Where the simulated /dev/sgx_enclave listens; None: protocol.default_socket."""
+    root_controllers: str = "memory misc"
+    """The root's cgroup.subtree_control at mount: a booted host's init system has
+    enabled controllers there, and libcgroup (cgcreate) relies on it: it enables a
+    controller in the cgroups it creates, never in the root."""
     foreground: bool = False
     debug: bool = False
     fuse_debug: bool = False
@@ -66,6 +70,10 @@ def add_mount_options(p: argparse.ArgumentParser) -> None:
                    help="wall seconds per simulated second of SGX work (default 20: the "
                         "selftests' runs take realistic seconds at 128M; 0: as fast as "
                         "possible)")
+    p.add_argument("--root-controllers", metavar="LIST", default=None,
+                   help="controllers enabled in the root's cgroup.subtree_control at mount, "
+                        "as a booted host's init system leaves them (default \"memory misc\"; "
+                        "\"\" for a bare kernel mount)")
     p.add_argument("--enclave-socket", metavar="PATH", default=None,
                    help="where the simulated /dev/sgx_enclave listens (default: "
                         "/run/epcfs/<mountpoint>.sock; clients use $EPCFS_SOCKET or that)")
@@ -106,6 +114,9 @@ def config_from_args(args: argparse.Namespace, mountpoint: str) -> MountConfig:
         sections=sections,
         time_scale=MountConfig.time_scale if scale is None else scale,
         enclave_socket=getattr(args, "enclave_socket", None),
+        root_controllers=(MountConfig.root_controllers
+                          if getattr(args, "root_controllers", None) is None
+                          else args.root_controllers),
         foreground=getattr(args, "foreground", False) or getattr(args, "debug", False),
         debug=getattr(args, "debug", False),
     )
@@ -206,7 +217,6 @@ def serve(cfg: MountConfig, ready) -> int:
     from ..fs.ops import CgroupFs
     from ..fs.procs import ProcessTracker
     from ..model.cgroup import Hierarchy
-
     from ..model.sgx import Sgx
     from ..protocol import default_socket
     from .enclave_server import EnclaveServer
@@ -214,8 +224,10 @@ def serve(cfg: MountConfig, ready) -> int:
     from .steps import Stepper
 
     hierarchy = Hierarchy()
+    hierarchy.write_subtree_control(
+        hierarchy.root, " ".join("+" + name for name in cfg.root_controllers.split()))
     sections = cfg.sections or [(0, cfg.capacity)]
-    sgx = Sgx(hierarchy, sections)
+    sgx = Sgx(hierarchy, sections, stepwise_reclaim=True)
     # The machine booted long before anyone could look: ksgxd's EREMOVE pass over every
     # EPC page is done before the mount answers (its time is not spent; a selftest run
     # right after mounting must not meet a half-sanitized EPC and fail with ENOMEM).
@@ -223,7 +235,7 @@ def serve(cfg: MountConfig, ready) -> int:
     tracker = ProcessTracker(hierarchy)
     steps = Stepper(sgx, tracker, cfg.time_scale)
     reclaimers = Reclaimers(sgx, steps)
-    server = EnclaveServer(sgx, tracker, sections, steps)
+    server = EnclaveServer(sgx, tracker, sections, steps, reclaimers)
     socket_path = cfg.enclave_socket or default_socket(cfg.mountpoint)
     fs = CgroupFs(Context(hierarchy, tracker))
     options = set(pyfuse3.default_options)

@@ -23,9 +23,10 @@ import trio
 from ..fs.procs import ProcessTracker
 from ..model.constants import PAGE_SIZE, SgxPageType
 from ..model.enclave import Enclave, Vepc
-from ..model.errors import Blocked, KernelError
+from ..model.errors import Blocked, KernelError, NeedReclaim
 from ..model.sgx import Fault, Sgx
 from ..protocol import MAX_MESSAGE, OPS, decode, encode
+from .reclaimers import Reclaimers
 from .steps import Stepper
 
 log = logging.getLogger(__name__)
@@ -71,11 +72,12 @@ class EnclaveServer:
     """Accepts connections on a unix socket and serves each in its own task."""
 
     def __init__(self, sgx: Sgx, tracker: ProcessTracker, sections: list[tuple[int, int]],
-                 steps: Stepper) -> None:
+                 steps: Stepper, reclaimers: Reclaimers) -> None:
         self.sgx = sgx
         self.tracker = tracker
         self.sections = sections
         self.steps = steps
+        self.reclaimers = reclaimers
 
     async def serve(self, path: str, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -149,12 +151,24 @@ class EnclaveServer:
         return await self.steps.run(fn, *args)
 
     async def until_done(self, conn: Connection, fn: Callable, *args):
-        """A step the kernel would retry until it goes through (Blocked)."""
+        """A step the kernel would retry inside the call until it goes through."""
         while True:
             try:
                 return await self.step(conn, fn, *args)
-            except Blocked:
-                await trio.sleep(RETRY_TICK)
+            except Blocked as e:
+                await self.unblock(conn, e)
+
+    async def unblock(self, conn: Connection, blocked: Blocked) -> None:
+        """What the kernel does before trying again: a synchronous reclaim round in the
+        caller's context (NeedReclaim), or, when that freed nothing because backing
+        charges failed (an OOM victim is on its way out), a pause."""
+        if isinstance(blocked, NeedReclaim):
+            conn.check_alive()
+            done = await self.reclaimers.round(blocked.root, blocked.nr_to_scan,
+                                               blocked.charge_pid)
+            if done.freed or not done.failed:
+                return
+        await trio.sleep(RETRY_TICK)
 
     async def fault_in(self, conn: Connection, fn: Callable, encl, first: int,
                        count: int) -> dict | None:
@@ -199,8 +213,8 @@ async def _add(srv: EnclaveServer, conn: Connection, req: dict) -> dict:
         except KernelError as e:
             return {"errno": e.errno, "count": done + e.count}
         except Blocked as e:
-            done += e.args[0] if e.args else 0
-            await trio.sleep(RETRY_TICK)
+            done += e.count
+            await srv.unblock(conn, e)
     return {"ok": True, "count": done}
 
 
@@ -222,7 +236,8 @@ async def _augment(srv: EnclaveServer, conn: Connection, req: dict) -> dict:
 
 
 def _edmm(method: str, *extra: str) -> Handler:
-    """An EDMM ioctl: per page, direct reclaim then the operation, as the series does."""
+    """An EDMM ioctl, page by page (the model runs the series' direct reclaim before
+    each page), so other tasks run between pages."""
 
     async def handler(srv: EnclaveServer, conn: Connection, req: dict) -> dict:
         encl = _enclave(conn)
@@ -230,10 +245,9 @@ def _edmm(method: str, *extra: str) -> Handler:
         args = [SgxPageType(int(req[name])) for name in extra]
         srv.sgx.check_edmm(encl, first, count)
         for c in range(count):
-            await srv.step(conn, srv.sgx.reclaim_direct, conn.pid)
             try:
-                await srv.step(conn, getattr(srv.sgx, method), encl, conn.pid, first + c, 1,
-                               *args)
+                await srv.until_done(conn, getattr(srv.sgx, method), encl, conn.pid,
+                                     first + c, 1, *args)
             except KernelError as e:
                 return {"errno": e.errno, "count": c}
         return {"ok": True, "count": count}

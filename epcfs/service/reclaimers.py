@@ -12,6 +12,7 @@ import trio
 
 from ..model.constants import SGX_NR_TO_SCAN
 from ..model.misc import MiscCss
+from ..model.reclaim import Round
 from ..model.sgx import Sgx
 from .steps import Stepper
 
@@ -69,13 +70,16 @@ class Reclaimers:
         finally:
             self.running.discard(css)
 
-    async def round(self, root: MiscCss, nr_to_scan: int) -> int:
-        """sgx_cgroup_reclaim_pages with no mm: batches over root's subtree in the
-        fairness iterator's order until nr_to_scan pages were scanned."""
-        scanned = 0
-        while scanned < nr_to_scan and not self.sgx.lru_empty(root):
-            batch = await self.steps.run(self.sgx.isolate, self.sgx.next_cg(root), None)
+    async def round(self, root: MiscCss, nr_to_scan: int, charge_pid: int | None = None,
+                    ) -> Round:
+        """sgx_cgroup_reclaim_pages: batches over root's subtree in the fairness
+        iterator's order until nr_to_scan pages were scanned. `charge_pid` is the task
+        reclaiming synchronously (its memcg pays for the backing store); None for ksgxd
+        and the work items."""
+        done = Round()
+        while done.scanned < nr_to_scan and not self.sgx.lru_empty(root):
+            batch = await self.steps.run(self.sgx.isolate, self.sgx.next_cg(root), charge_pid)
             await self.steps.run(self.sgx.writeback, batch)
             await self.steps.run(self.sgx.free_batch, batch)
-            scanned += batch.scanned
-        return scanned
+            done.add(batch)
+        return done

@@ -21,6 +21,7 @@ COST_US: dict[str, float] = {
     "EINIT": 1000.0,
     "EBLOCK": 1.0,
     "ETRACK": 2.0,
+    "EPA": 5.0,  # makes a VA page
     "EWB": 15.0,
     "ELDU": 12.0,
     "EAUG": 5.0,

@@ -19,7 +19,7 @@ from epcfs.model.constants import PAGE_SIZE, SGX_EPC
 from .snapshot import snapshot
 
 KiB = 1 << 10
-EXAMPLES = int(os.environ.get("EPCFS_HYPOTHESIS_BULK", "40"))
+EXAMPLES = int(os.environ.get("EPCFS_HYPOTHESIS_BULK", "100"))
 
 KINDS = ["add"] * 8 + ["create"] * 2 + ["init", "fault", "fault", "release", "sanitize",
                                          "ksgxd", "async", "max"]

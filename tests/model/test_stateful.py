@@ -70,10 +70,11 @@ class EpcMachine(RuleBasedStateMachine):
         assert all(cg.memory is None or cg.memory.usage == 0 for cg in self.h.root.walk())
 
     @initialize(dirty=st.integers(0, 60), limit=st.sampled_from([None, 40, 100, 150]),
-                nested=st.booleans())
-    def boot(self, dirty, limit, nested) -> None:
+                nested=st.booleans(), bulk=st.booleans())
+    def boot(self, dirty, limit, nested, bulk) -> None:
         """ksgxd sanitizes most of the EPC; /a (maybe limited, maybe with children) and /b
-        hold the processes."""
+        hold the processes. Half the runs take ADD_PAGES page by page."""
+        self.sgx.bulk = bulk
         self.sgx.sanitize(self.sgx.epc.total_pages - dirty)
         a, b = self.h.mkdir(self.h.root, "a"), self.h.mkdir(self.h.root, "b")
         if limit is not None:
