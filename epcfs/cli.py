@@ -16,6 +16,7 @@ SUBCOMMANDS = (
     ("mount", "epcfs.service.daemon", "serve the cgroup filesystem at MOUNTPOINT"),
     ("run", "epcfs.tools.run", "run a command where /sys/fs/cgroup is epcfs"),
     ("selftest", "epcfs.tools.selftest", "run a kernel tree's run_epc_cg_selftests.sh unchanged"),
+    ("load", "epcfs.tools.load", "hold an enclave of a given size in the current cgroup"),
 )
 
 

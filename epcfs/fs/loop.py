@@ -19,7 +19,8 @@ compiled session loop looks up by name on every call) with one that
 The loop is not held longer than SPIN_SECONDS by the spin. The device stays blocking:
 "poll, then read without yielding" guarantees that whoever reads it has a request to
 read. pyfuse3.terminate is wrapped so a stopping flag is seen by parked workers (the
-original checks fuse_session_exited(), which Python cannot).
+original checks fuse_session_exited(), which Python cannot), and an unmount (the device
+polls POLLERR) wakes them all, so each reads the end of the session and leaves.
 
 If pyfuse3 ever stops exposing `_wait_fuse_readable`, `main()` runs pyfuse3's loop
 unchanged.
@@ -72,11 +73,20 @@ def _install() -> bool:
     idle = trio.lowlevel.ParkingLot()
     watching = False
 
+    gone = select.POLLERR | select.POLLHUP | select.POLLNVAL
+
+    def ready() -> bool:
+        events = poll(0)
+        if events and events[0][1] & gone:
+            # unmounted: every worker must read once more to see the end and leave
+            idle.unpark_all()
+        return bool(events)
+
     async def wait_fuse_readable() -> bool:
         nonlocal watching
         await checkpoint()
         while not _stopping:
-            if poll(0):
+            if ready():
                 return True  # the caller reads it before anything else runs
             if watching:
                 await idle.park()
@@ -85,7 +95,7 @@ def _install() -> bool:
             try:
                 end = clock() + SPIN_SECONDS
                 while clock() < end:
-                    if poll(0):
+                    if ready():
                         return True
                 await trio.lowlevel.wait_readable(fd)
             except trio.ClosedResourceError:

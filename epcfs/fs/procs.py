@@ -216,11 +216,16 @@ class ProcessTracker:
 
         An untracked process is registered in the cgroup of its nearest tracked
         ancestor (with every untracked process between them), so it keeps that cgroup
-        when the ancestor exits, as after a fork.
+        when the ancestor exits, as after a fork; one found in the root is pinned there
+        (as it is: an ancestor moving later does not take it along), so asking again
+        costs two syscalls.
         """
-        self.settle()
+        self.settle(scan=False)
         tgid = self._tgid(pid)
-        return self._resolve(tgid)
+        where = self._resolve(tgid)
+        if tgid not in self.hierarchy.procs:
+            self._register(tgid, where)  # pinned in the root: the next lookup is O(1)
+        return where
 
     def members(self, cg: Cgroup) -> list[int]:
         """Live thread-group ids directly in `cg` (cgroup.procs).
@@ -255,7 +260,7 @@ class ProcessTracker:
         (the model's no-internal-process rule). An exited (zombie) process is accepted
         and not moved.
         """
-        self.settle()
+        self.settle(scan=False)
         tid = pid or caller.pid
         status = self.proc.status(tid)
         if status is None:
@@ -331,10 +336,12 @@ class ProcessTracker:
 
     # -- exits and forks -------------------------------------------------------------
 
-    def settle(self) -> None:
+    def settle(self, scan: bool = True) -> None:
         """Apply every fork and exit that has happened: called before any answer that
-        depends on membership, so it never shows a process that is gone."""
-        self._apply_forks()
+        depends on membership, so it never shows a process that is gone. Without the
+        proc connector, `scan` also walks /proc for orphans of tracked processes (a
+        lookup of one pid does not need that: its PPid walk finds its cgroup)."""
+        self._apply_forks(scan)
         if self.fds:
             for fd, _ in self.epoll.poll(0):
                 pid = self.by_fd.get(fd)
@@ -374,9 +381,10 @@ class ProcessTracker:
 
     # -- internals -------------------------------------------------------------------
 
-    def _apply_forks(self) -> None:
+    def _apply_forks(self, scan: bool = True) -> None:
         if self.forks is None:
-            self._adopt_all()
+            if scan:
+                self._adopt_all()
             return
         procs = self.hierarchy.procs
         for parent, child in self.forks.drain():
@@ -404,7 +412,7 @@ class ProcessTracker:
                 self._resolve_with(pid, parents)
 
     def _exited(self, pid: int) -> None:
-        self._apply_forks()  # forks it made before exiting come first
+        self._apply_forks(scan=False)  # forks it made before exiting come first
         fd = self.fds.pop(pid, None)
         if fd is not None:
             self.by_fd.pop(fd, None)

@@ -67,10 +67,16 @@ def test_echo_pid_moves_a_whole_process_and_a_tid_its_group(cg, root):
         p.wait()
 
 
+def _flags(pid: str) -> int:
+    try:
+        return int(read(f"/proc/{pid}/stat").rsplit(")", 1)[1].split()[6])
+    except FileNotFoundError:  # exited meanwhile
+        return 0
+
+
 def test_kernel_threads_cannot_be_moved(cg):
     assert write(cg / "cgroup.procs", "2") == errno.EINVAL  # kthreadd
-    per_cpu = [p for p in os.listdir("/proc") if p.isdigit()
-               and int(read(f"/proc/{p}/stat").rsplit(")", 1)[1].split()[6]) & 0x04000000]
+    per_cpu = [p for p in os.listdir("/proc") if p.isdigit() and _flags(p) & 0x04000000]
     if per_cpu:
         assert write(cg / "cgroup.procs", per_cpu[0]) == errno.EINVAL
     assert pids(cg) == []

@@ -27,7 +27,7 @@ def mode_of(path) -> str:
     return stat.filemode(os.stat(path).st_mode)
 
 
-def test_root_files_modes_and_contents(cgroupfs):
+def test_root_files_modes_and_contents(cgroupfs, mount_epcfs):
     root = cgroupfs
     assert set(os.listdir(root)) == CORE | {"misc.capacity", "misc.current", "misc.peak"}
     assert mode_of(root) == "dr-xr-xr-x"
@@ -37,7 +37,10 @@ def test_root_files_modes_and_contents(cgroupfs):
         assert (stat.filemode(st.st_mode), st.st_size, st.st_uid, st.st_gid) == (
             expected, 0, 0, 0), name
     assert read(root / "cgroup.controllers") == "memory misc\n"
-    assert read(root / "cgroup.subtree_control") == ""
+    # as a booted host's init system leaves it (--root-controllers), or bare
+    assert read(root / "cgroup.subtree_control") == "memory misc\n"
+    bare = mount_epcfs("--root-controllers", "").path
+    assert read(bare / "cgroup.subtree_control") == ""
     assert read(root / "misc.capacity") == "sgx_epc 134217728\n"
     assert read(root / "misc.current") == "sgx_epc 0\n"
     assert read(root / "misc.peak") == "sgx_epc 0\n"
@@ -61,8 +64,8 @@ def test_listing_is_in_kernfs_order(cgroupfs):
     assert sh("ls -a | head -2", cwd=cgroupfs).out == ".\n..\n"
 
 
-def test_nonroot_files_follow_parent_subtree_control(cgroupfs):
-    root = cgroupfs
+def test_nonroot_files_follow_parent_subtree_control(mount_epcfs):
+    root = mount_epcfs("--root-controllers", "").path
     (root / "a").mkdir()
     assert mode_of(root / "a") == "drwxr-xr-x"
     assert set(os.listdir(root / "a")) == CORE_NONROOT

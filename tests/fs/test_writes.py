@@ -192,7 +192,8 @@ def test_echo_root(mount_epcfs, case):
     assert result.rc == (1 if err else 0), result
     if err:
         assert f"write error: {message(err)}" in result.err
-    assert read(root / name) == (before if after is None else after)
+    if name != "cgroup.procs":  # the root's lists every process on the machine
+        assert read(root / name) == (before if after is None else after)
 
 
 def test_every_writable_file_is_covered(cg):

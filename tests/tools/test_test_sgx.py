@@ -349,8 +349,8 @@ def test_sigterm_to_the_parent_leaves_the_child_running(workdir, epc):
     out, err = proc.communicate(timeout=10)
     assert "ok 1" not in out and not err  # nobody reports it any more
     assert len(epc.ops("touch")) > touches
-    assert not [m for m in epc.ops() if m["op"] not in ("info", "create", "add", "init",
-                                                        "touch")]
+    assert not [m for m in epc.ops() if m["op"] not in ("info", "declare", "create", "add",
+                                                        "init", "touch")]
 
 
 def test_eight_concurrent_runs(workdir, epc):

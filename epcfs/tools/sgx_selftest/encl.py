@@ -167,6 +167,10 @@ class Op:
         self.entry = entry
 
 
+PTE_SIZE = 8
+"""Bytes of one x86-64 page-table entry."""
+
+
 def _signum(name: str) -> int:
     try:
         return int(signal.Signals[name])
@@ -283,6 +287,7 @@ class TestEnclave:
         self.encl_size = PAGE_SIZE
         while self.encl_size < src_size:
             self.encl_size <<= 1
+        self._declare_page_tables(src_size)
         if not self._build():
             for seg in self.segments:
                 self.md.log(232, f"0x{seg.offset:016x} 0x{seg.size:016x} 0x{seg.prot:02x}")
@@ -291,6 +296,17 @@ class TestEnclave:
             return False
         self.encl_base = -(-_BASE_HINT // self.encl_size) * self.encl_size
         return True
+
+    def _declare_page_tables(self, src_size: int) -> None:
+        """EADD reads every source page, which maps it (the zero page for the untouched
+        heap) and fills page tables; the kernel charges those to the memcg, and they are
+        what makes this process, not its harness parent, the memcg OOM killer's choice.
+        Best effort: a charge refused at memory.max has queued its OOM decision, and the
+        faulting read would simply retry."""
+        try:
+            self._call("declare", bytes=src_size // PAGE_SIZE * PTE_SIZE)
+        except OSError:
+            pass
 
     def _build(self) -> bool:
         """encl_build(): ECREATE, one EADD ioctl per segment, EINIT."""
