@@ -337,8 +337,10 @@ def test_the_demo_runs_and_leaves_nothing_behind():
     before = mounts_at(Path("/sys/fs/cgroup"))
     result = subprocess.run([str(REPO / "scripts/demo")], capture_output=True, text=True,
                             timeout=300, stdin=subprocess.DEVNULL,
-                            env=dict(os.environ, EPCFS_CAPACITY="1G"))
+                            env=dict(os.environ, EPCFS_CAPACITY="1G",
+                                     EPCFS_SCENARIO_CAPACITY="16M"))
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"sgx_epc {1024 * MiB}\n" in result.stdout
     assert "epcfs exited with status 0" in result.stdout
+    assert "# scenario passed" in result.stdout
     assert mounts_at(Path("/sys/fs/cgroup")) == before, "the host's /sys/fs/cgroup changed"

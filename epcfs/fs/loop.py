@@ -16,7 +16,8 @@ compiled session loop looks up by name on every call) with one that
    that window, and catching it without a sleep/wake-up cycle roughly halves the latency
    of a single `cat`; the other idle workers park until the watcher leaves.
 
-The loop is not held longer than SPIN_SECONDS by the spin. The device stays blocking:
+The loop is not held longer than SPIN_SECONDS by the spin, and not at all while another
+task is ready to run (the reclaimers, the enclave server). The device stays blocking:
 "poll, then read without yielding" guarantees that whoever reads it has a request to
 read. pyfuse3.terminate is wrapped so a stopping flag is seen by parked workers (the
 original checks fuse_session_exited(), which Python cannot), and an unmount (the device
@@ -70,6 +71,7 @@ def _install() -> bool:
     poll = poller.poll
     clock = time.perf_counter
     checkpoint = trio.lowlevel.checkpoint
+    statistics = trio.lowlevel.current_statistics
     idle = trio.lowlevel.ParkingLot()
     watching = False
 
@@ -93,10 +95,11 @@ def _install() -> bool:
                 continue
             watching = True
             try:
-                end = clock() + SPIN_SECONDS
-                while clock() < end:
-                    if ready():
-                        return True
+                if not statistics().tasks_runnable:  # spin only if nobody else would run
+                    end = clock() + SPIN_SECONDS
+                    while clock() < end:
+                        if ready():
+                            return True
                 await trio.lowlevel.wait_readable(fd)
             except trio.ClosedResourceError:
                 return False

@@ -37,6 +37,7 @@ encl_size is the smallest power of two >= the whole span (at least 4096).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import signal
@@ -303,10 +304,8 @@ class TestEnclave:
         what makes this process, not its harness parent, the memcg OOM killer's choice.
         Best effort: a charge refused at memory.max has queued its OOM decision, and the
         faulting read would simply retry."""
-        try:
+        with contextlib.suppress(OSError):
             self._call("declare", bytes=src_size // PAGE_SIZE * PTE_SIZE)
-        except OSError:
-            pass
 
     def _build(self) -> bool:
         """encl_build(): ECREATE, one EADD ioctl per segment, EINIT."""
