@@ -86,7 +86,7 @@ def wait_stale(path: Path) -> None:
         try:
             os.statvfs(path)
         except OSError as e:
-            assert e.errno == errno.ENOTCONN, e
+            assert e.errno in (errno.ENOTCONN, errno.ECONNABORTED), e
             return True
         return False
 

@@ -68,8 +68,10 @@ def _type_write(ctx: Context, cg: Cgroup, text: str, caller: Caller) -> None:
 # -- cgroup.procs / cgroup.threads ------------------------------------------------------
 
 
-def _procs_show(ctx: Context, cg: Cgroup) -> str:
-    return _lines(ctx.tracker.members(cg))
+def _procs_show(ctx: Context, cg: Cgroup, caller: Caller) -> str:
+    """Members as the reader's pid namespace numbers them; those it cannot see are left
+    out (cgroup_procs_show: task_pid_vnr, skipped when 0)."""
+    return _lines(sorted(ctx.tracker.proc.to_caller_ns(ctx.tracker.members(cg), caller.pid)))
 
 
 def _procs_write(ctx: Context, cg: Cgroup, text: str, caller: Caller) -> None:
@@ -77,8 +79,8 @@ def _procs_write(ctx: Context, cg: Cgroup, text: str, caller: Caller) -> None:
                        may_write=ctx.may_write_procs)
 
 
-def _threads_show(ctx: Context, cg: Cgroup) -> str:
-    return _lines(ctx.tracker.threads(cg))
+def _threads_show(ctx: Context, cg: Cgroup, caller: Caller) -> str:
+    return _lines(ctx.tracker.proc.to_caller_ns(ctx.tracker.threads(cg), caller.pid))
 
 
 def _threads_write(ctx: Context, cg: Cgroup, text: str, caller: Caller) -> None:
@@ -163,8 +165,8 @@ def _kill_write(ctx: Context, cg: Cgroup, text: str, caller: Caller) -> None:
 
 CORE_FILES = (
     CfType("cgroup.type", Where.NONROOT, show=_type_show, write=_type_write),
-    CfType("cgroup.procs", Where.ALL, show=_procs_show, write=_procs_write),
-    CfType("cgroup.threads", Where.ALL, show=_threads_show, write=_threads_write),
+    CfType("cgroup.procs", Where.ALL, show_fd=_procs_show, write=_procs_write),
+    CfType("cgroup.threads", Where.ALL, show_fd=_threads_show, write=_threads_write),
     CfType("cgroup.controllers", Where.ALL, show=_controllers_show),
     CfType("cgroup.subtree_control", Where.ALL, show=_subtree_control_show,
            write=_subtree_control_write),

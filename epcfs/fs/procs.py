@@ -14,12 +14,19 @@ The model knows pids only; this module connects it to real processes:
   membership-dependent file polls it first, so `cgroup.procs`, `populated` and rmdir's
   EBUSY are exact even before that task has run.
 
-Everything that reads /proc is in `Proc`, so pid namespaces (NSpid) can be added there.
+Everything that reads /proc is in `Proc`, pid namespaces included. The tracker works in
+the daemon's pid namespace (that of its /proc, which is the one the FUSE request context
+and SO_PEERCRED report pids in); `Proc.to_daemon_ns` and `Proc.to_caller_ns` translate
+what a process in a container writes to or reads from cgroup.procs, using the NSpid
+lines of /proc/PID/status (the pid in each namespace from the daemon's down to the
+task's own) and the identity of the namespace at the caller's level (/proc/PID/ns/pid,
+its ancestors reached with the NS_GET_PARENT ioctl).
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import logging
 import os
 import select
@@ -49,6 +56,17 @@ class ProcStatus:
     ppid: int
     state: str
     threads: int
+    nspid: tuple[int, ...] = ()
+    """The pid in each pid namespace from the daemon's (first) to the task's own (last)."""
+
+    @property
+    def level(self) -> int:
+        """Depth of the task's pid namespace below the daemon's (0: the same one)."""
+        return max(len(self.nspid) - 1, 0)
+
+
+NS_GET_PARENT = 0xB702
+"""_IO(0xb7, 0x2): a file descriptor for the parent of a pid namespace."""
 
 
 class Proc:
@@ -67,13 +85,70 @@ class Proc:
         fields = {}
         for line in text.split(b"\n"):
             key, _, value = line.partition(b":")
-            if key in (b"Tgid", b"PPid", b"State", b"Threads"):
+            if key in (b"Tgid", b"PPid", b"State", b"Threads", b"NSpid"):
                 fields[key] = value.strip()
         try:
             return ProcStatus(int(fields[b"Tgid"]), int(fields[b"PPid"]),
-                              fields[b"State"][:1].decode(), int(fields.get(b"Threads", b"1")))
+                              fields[b"State"][:1].decode(), int(fields.get(b"Threads", b"1")),
+                              tuple(int(n) for n in fields.get(b"NSpid", b"").split()))
         except (KeyError, ValueError):
             return None
+
+    def pid_ns(self, pid: int, up: int = 0) -> str | None:
+        """Identity ("pid:[inode]") of the pid namespace `up` levels above that of `pid`;
+        None if the process is gone or the namespace is out of reach."""
+        path = f"{self.root}/{pid}/ns/pid"
+        try:
+            if up == 0:
+                return os.readlink(path)
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except (FileNotFoundError, ProcessLookupError, NotADirectoryError, PermissionError):
+            return None
+        try:
+            for _ in range(up):
+                parent = fcntl.ioctl(fd, NS_GET_PARENT)
+                os.close(fd)
+                fd = parent
+            return f"pid:[{os.fstat(fd).st_ino}]"
+        except OSError:
+            return None
+        finally:
+            os.close(fd)
+
+    def to_daemon_ns(self, pid: int, caller: int) -> int | None:
+        """The daemon-namespace id of the task that `caller` (a daemon-namespace id) knows
+        as `pid`; None if the caller's namespace has no such task. Thread ids count (the
+        caller may name a thread; cgroup.procs moves its thread group)."""
+        me = self.status(caller) if caller else None
+        if me is None or me.level == 0:
+            return pid
+        ns = self.pid_ns(caller)
+        for candidates in (self.pids, self._all_tids):
+            for cand in candidates():
+                st = self.status(cand)
+                if (st is not None and len(st.nspid) > me.level
+                        and st.nspid[me.level] == pid
+                        and self.pid_ns(cand, st.level - me.level) == ns):
+                    return cand
+        return None
+
+    def to_caller_ns(self, pids: list[int], caller: int) -> list[int]:
+        """`pids` (daemon namespace) as `caller` sees them, in order, leaving out those
+        outside its namespace."""
+        me = self.status(caller) if caller else None
+        if me is None or me.level == 0:
+            return pids
+        ns = self.pid_ns(caller)
+        out = []
+        for pid in pids:
+            st = self.status(pid)
+            if (st is not None and len(st.nspid) > me.level
+                    and self.pid_ns(pid, st.level - me.level) == ns):
+                out.append(st.nspid[me.level])
+        return out
+
+    def _all_tids(self) -> list[int]:
+        return [tid for pid in self.pids() for tid in self.tasks(pid) if tid != pid]
 
     def stat(self, pid: int) -> tuple[str, int, int, int] | None:
         """(state, ppid, flags, num_threads) from /proc/PID/stat; None if gone."""
@@ -254,14 +329,17 @@ class ProcessTracker:
     def attach(self, pid: int, dst: Cgroup, caller: Caller, threadgroup: bool = True,
                may_write: Callable[[Cgroup, Caller], bool] | None = None) -> None:
         """__cgroup_procs_write: move the process (or, for cgroup.threads, the thread)
-        `pid` (0: the caller) into `dst`, with the kernel's checks in its order:
-        ESRCH no such task, EINVAL kthreadd or a per-cpu kthread, EACCES no write access
-        to the common ancestor's cgroup.procs, EOPNOTSUPP a thread across domains, EBUSY
+        `pid` (0: the caller; otherwise a pid in the caller's pid namespace) into `dst`,
+        with the kernel's checks in its order: ESRCH no such task (in that namespace),
+        EINVAL kthreadd or a per-cpu kthread, EACCES no write access to the common
+        ancestor's cgroup.procs, EOPNOTSUPP a thread across domains, EBUSY
         (the model's no-internal-process rule). An exited (zombie) process is accepted
         and not moved.
         """
         self.settle(scan=False)
-        tid = pid or caller.pid
+        tid = self.proc.to_daemon_ns(pid, caller.pid) if pid else caller.pid
+        if tid is None:
+            raise KernelError(errno.ESRCH, f"no process {pid} in the writer's pid namespace")
         status = self.proc.status(tid)
         if status is None:
             raise KernelError(errno.ESRCH, f"no process {tid}")

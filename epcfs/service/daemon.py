@@ -154,7 +154,9 @@ def clear_stale_mount(mountpoint: str) -> None:
     try:
         os.statvfs(mountpoint)
     except OSError as e:
-        if e.errno != errno.ENOTCONN:
+        # ECONNABORTED: the connection was aborted while a thread of the dead daemon
+        # still held /dev/fuse; either way nobody will answer this mount again.
+        if e.errno not in (errno.ENOTCONN, errno.ECONNABORTED):
             raise
         log.info("clearing stale mount at %s", mountpoint)
         subprocess.run(["fusermount3", "-u", "-z", mountpoint], check=False)

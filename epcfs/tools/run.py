@@ -5,6 +5,19 @@ host's cgroup mounts sit out of sight beneath it), /proc/mounts showing it as cg
 so Debian's cgroup-tools work unchanged, and the enclave socket in a private directory
 named by $EPCFS_SOCKET. On exit the daemon unmounts and the namespace goes away; the
 host's mounts were never touched. The exit status is CMD's (128+N if a signal ended it).
+
+With `--rootfs DIR`, CMD runs in a container made by bubblewrap: new mount, pid, uts
+and ipc namespaces, DIR as its root (scripts/make-rootfs builds a busybox one), a fresh
+/proc and /dev, epcfs bound at /sys/fs/cgroup and the enclave socket at
+/run/epcfs/sgx_enclave ($EPCFS_SOCKET names it). Nothing of the host's cgroups is
+visible. The container's pids are its own: cgroup.procs takes and shows them (the
+daemon maps them through NSpid). Its /proc/mounts is the kernel's and shows
+`fuse.epcfs` at /sys/fs/cgroup: busybox does not care; cgroup-tools would not accept it.
+`--attach MOUNTPOINT` joins a daemon that is already serving MOUNTPOINT (its socket:
+--enclave-socket, or the daemon's default) instead of starting one, so several
+containers can share one simulated machine, each in its own cgroup. `--python` binds
+/usr, this Python and its venv and the epcfs sources read-only at their own paths and
+puts the venv's bin first on PATH, so test_sgx and `python -m epcfs.cli` run inside.
 """
 
 from __future__ import annotations
@@ -19,11 +32,26 @@ import tempfile
 from collections.abc import Sequence
 
 from ..namespace import CGROUP_ROOT, enter_private_mount_namespace, fake_proc_mounts
+from ..protocol import default_socket
 from ..service.daemon import add_mount_options, config_from_args, start_detached
+
+CONTAINER_SOCKET = "/run/epcfs/sgx_enclave"
+"""Where the enclave socket appears inside a container."""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_mount_options(p)
+    p.add_argument("--rootfs", metavar="DIR", default=None,
+                   help="run CMD in a container (bubblewrap: new mount, pid, uts and ipc "
+                        "namespaces) whose root is DIR (see scripts/make-rootfs)")
+    p.add_argument("--attach", metavar="MOUNTPOINT", default=None,
+                   help="with --rootfs: use the epcfs already mounted at MOUNTPOINT (and "
+                        "its enclave socket) instead of starting a daemon")
+    p.add_argument("--python", action="store_true",
+                   help="with --rootfs: bind /usr, this Python, its venv and the epcfs "
+                        "sources read-only, so test_sgx and python -m epcfs.cli run inside")
+    p.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
+                   help="with --rootfs: set a variable in the container (repeatable)")
     p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD …",
                    help="the command to run, with its arguments")
 
@@ -33,7 +61,12 @@ def run(args: argparse.Namespace) -> int:
     if not command:
         print("epcfs run: no command given (epcfs run [options] -- CMD …)", file=sys.stderr)
         return 2
-    return run_in_epcfs(args, command)
+    if args.rootfs is None:
+        if args.attach or args.python or args.env:
+            print("epcfs run: --attach, --python and --env need --rootfs", file=sys.stderr)
+            return 2
+        return run_in_epcfs(args, command)
+    return run_in_container(args, command)
 
 
 def run_in_epcfs(args: argparse.Namespace, command: Sequence[str], *, cwd: str | None = None,
@@ -73,4 +106,93 @@ def run_in_epcfs(args: argparse.Namespace, command: Sequence[str], *, cwd: str |
         os.kill(daemon, signal.SIGTERM)
         os.waitpid(daemon, 0)
         shutil.rmtree(workdir, ignore_errors=True)
+    return 128 - status if status < 0 else status
+
+
+def bwrap_command(rootfs: str, cgroupfs: str, socket: str, command: Sequence[str], *,
+                  python: bool = False, env: Sequence[str] = ()) -> list[str]:
+    """The bubblewrap command line for a container on `rootfs` that sees `cgroupfs` at
+    /sys/fs/cgroup and `socket` at CONTAINER_SOCKET."""
+    path = "/bin:/sbin"
+    cmd = ["bwrap", "--bind", rootfs, "/", "--proc", "/proc", "--dev", "/dev",
+           "--tmpfs", "/tmp", "--unshare-pid", "--unshare-uts", "--unshare-ipc",
+           "--hostname", "epcfs", "--die-with-parent",
+           "--bind", cgroupfs, CGROUP_ROOT, "--bind", socket, CONTAINER_SOCKET]
+    if python:
+        for src in _python_paths():
+            cmd += ["--ro-bind", src, src]
+        path = f"{os.path.dirname(sys.executable)}:{path}"
+    cmd += ["--clearenv", "--setenv", "PATH", path, "--setenv", "HOME", "/root",
+            "--setenv", "EPCFS_SOCKET", CONTAINER_SOCKET, "--chdir", "/"]
+    for item in env:
+        name, eq, value = item.partition("=")
+        if not eq or not name:
+            raise ValueError(f"--env wants NAME=VALUE, not {item!r}")
+        cmd += ["--setenv", name, value]
+    return [*cmd, "--", *command]
+
+
+def _python_paths() -> list[str]:
+    """What this interpreter needs, outermost first and without duplicates: /usr (libc
+    and the loader, via the rootfs's lib -> usr/lib links), the base installation, the
+    venv, and the directory holding the epcfs package (an editable install)."""
+    package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    candidates = ["/usr", sys.base_prefix, sys.prefix, os.path.dirname(package_parent)]
+    out: list[str] = []
+    for path in sorted({os.path.realpath(p) for p in candidates}, key=len):
+        if not any(path == kept or path.startswith(kept + "/") for kept in out):
+            out.append(path)
+    return out
+
+
+def run_in_container(args: argparse.Namespace, command: Sequence[str]) -> int:
+    """`--rootfs`: CMD in a bubblewrap container, on a daemon of its own or `--attach`ed."""
+    if os.geteuid() != 0:
+        print("epcfs run: needs root (it creates namespaces)", file=sys.stderr)
+        return 1
+    if shutil.which("bwrap") is None:
+        print("epcfs run: --rootfs needs bubblewrap (bwrap)", file=sys.stderr)
+        return 1
+    if not os.path.isdir(args.rootfs):
+        print(f"epcfs run: {args.rootfs}: not a directory", file=sys.stderr)
+        return 1
+    rootfs = os.path.abspath(args.rootfs)
+    daemon = None
+    workdir = None
+    if args.attach:
+        cgroupfs = os.path.abspath(args.attach)
+        socket = args.enclave_socket or default_socket(cgroupfs)
+        if not os.path.exists(os.path.join(cgroupfs, "misc.capacity")):
+            print(f"epcfs run: no epcfs mounted at {cgroupfs}", file=sys.stderr)
+            return 1
+    else:
+        enter_private_mount_namespace()
+        workdir = tempfile.mkdtemp(prefix="epcfs-run-")
+        cfg = config_from_args(args, CGROUP_ROOT)
+        cfg.enclave_socket = socket = os.path.join(workdir, "sgx_enclave")
+        cgroupfs = CGROUP_ROOT
+        try:
+            daemon = start_detached(cfg)
+        except RuntimeError as e:
+            print(f"epcfs run: {e}", file=sys.stderr)
+            shutil.rmtree(workdir, ignore_errors=True)
+            return 1
+    try:
+        try:
+            cmd = bwrap_command(rootfs, cgroupfs, socket, command, python=args.python,
+                                env=args.env)
+        except ValueError as e:
+            print(f"epcfs run: {e}", file=sys.stderr)
+            return 2
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            status = subprocess.call(cmd)
+        finally:
+            signal.signal(signal.SIGINT, previous)
+    finally:
+        if daemon is not None:
+            os.kill(daemon, signal.SIGTERM)
+            os.waitpid(daemon, 0)
+        if workdir is not None:
+            shutil.rmtree(workdir, ignore_errors=True)
     return 128 - status if status < 0 else status
