@@ -23,17 +23,18 @@ puts the venv's bin first on PATH, so test_sgx and `python -m epcfs.cli` run ins
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from ..namespace import CGROUP_ROOT, enter_private_mount_namespace, fake_proc_mounts
 from ..protocol import default_socket
-from ..service.daemon import add_mount_options, config_from_args, start_detached
+from ..service.daemon import MountConfig, add_mount_options, config_from_args, start_detached
 
 CONTAINER_SOCKET = "/run/epcfs/sgx_enclave"
 """Where the enclave socket appears inside a container."""
@@ -78,34 +79,57 @@ def run_in_epcfs(args: argparse.Namespace, command: Sequence[str], *, cwd: str |
     if os.geteuid() != 0:
         print("epcfs run: needs root (it creates a mount namespace)", file=sys.stderr)
         return 1
+    try:
+        with private_epcfs(args) as cfg:
+            env = dict(os.environ, EPCFS_SOCKET=cfg.enclave_socket)
+            if path_prefix:
+                env["PATH"] = f"{path_prefix}:{env.get('PATH', '/usr/bin:/bin')}"
+            try:
+                return call(command, env=env, cwd=cwd)
+            except OSError as e:
+                print(f"epcfs run: {command[0]}: {e.strerror}", file=sys.stderr)
+                return 127
+    except DaemonFailed as e:
+        print(f"epcfs run: {e}", file=sys.stderr)
+        return 1
+
+
+class DaemonFailed(RuntimeError):
+    """The daemon did not come up (its exit status is in the message)."""
+
+
+@contextlib.contextmanager
+def private_epcfs(args: argparse.Namespace) -> Iterator[MountConfig]:
+    """Enter a new mount namespace with epcfs at /sys/fs/cgroup (shown as cgroup2 in
+    /proc/mounts) and a private enclave socket; on exit the daemon unmounts and the
+    private directory goes. Everything happens in this namespace only."""
     enter_private_mount_namespace()
     workdir = tempfile.mkdtemp(prefix="epcfs-run-")
-    cfg = config_from_args(args, CGROUP_ROOT)
-    cfg.enclave_socket = os.path.join(workdir, "sgx_enclave")
     try:
-        daemon = start_detached(cfg)
-    except RuntimeError as e:
-        print(f"epcfs run: {e}", file=sys.stderr)
-        shutil.rmtree(workdir, ignore_errors=True)
-        return 1
-    try:
-        fake_proc_mounts(workdir)
-        env = dict(os.environ, EPCFS_SOCKET=cfg.enclave_socket)
-        if path_prefix:
-            env["PATH"] = f"{path_prefix}:{env.get('PATH', '/usr/bin:/bin')}"
-        # Ctrl-C reaches CMD (same process group); we stay to tear down after it.
-        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        cfg = config_from_args(args, CGROUP_ROOT)
+        cfg.enclave_socket = os.path.join(workdir, "sgx_enclave")
         try:
-            status = subprocess.call(list(command), env=env, cwd=cwd)
-        except OSError as e:
-            print(f"epcfs run: {command[0]}: {e.strerror}", file=sys.stderr)
-            status = 127
+            daemon = start_detached(cfg)
+        except RuntimeError as e:
+            raise DaemonFailed(str(e)) from e
+        try:
+            fake_proc_mounts(workdir)
+            yield cfg
         finally:
-            signal.signal(signal.SIGINT, previous)
+            os.kill(daemon, signal.SIGTERM)
+            os.waitpid(daemon, 0)
     finally:
-        os.kill(daemon, signal.SIGTERM)
-        os.waitpid(daemon, 0)
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def call(command: Sequence[str], **kwargs) -> int:
+    """Run CMD to the end and return its status as a shell reports it (128+N for a
+    signal). Ctrl-C reaches CMD (same process group); we stay to tear down after it."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        status = subprocess.call(list(command), **kwargs)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     return 128 - status if status < 0 else status
 
 
@@ -157,42 +181,27 @@ def run_in_container(args: argparse.Namespace, command: Sequence[str]) -> int:
         print(f"epcfs run: {args.rootfs}: not a directory", file=sys.stderr)
         return 1
     rootfs = os.path.abspath(args.rootfs)
-    daemon = None
-    workdir = None
     if args.attach:
         cgroupfs = os.path.abspath(args.attach)
-        socket = args.enclave_socket or default_socket(cgroupfs)
         if not os.path.exists(os.path.join(cgroupfs, "misc.capacity")):
             print(f"epcfs run: no epcfs mounted at {cgroupfs}", file=sys.stderr)
             return 1
-    else:
-        enter_private_mount_namespace()
-        workdir = tempfile.mkdtemp(prefix="epcfs-run-")
-        cfg = config_from_args(args, CGROUP_ROOT)
-        cfg.enclave_socket = socket = os.path.join(workdir, "sgx_enclave")
-        cgroupfs = CGROUP_ROOT
-        try:
-            daemon = start_detached(cfg)
-        except RuntimeError as e:
-            print(f"epcfs run: {e}", file=sys.stderr)
-            shutil.rmtree(workdir, ignore_errors=True)
-            return 1
+        return _contain(args, rootfs, cgroupfs,
+                        args.enclave_socket or default_socket(cgroupfs), command)
     try:
-        try:
-            cmd = bwrap_command(rootfs, cgroupfs, socket, command, python=args.python,
-                                env=args.env)
-        except ValueError as e:
-            print(f"epcfs run: {e}", file=sys.stderr)
-            return 2
-        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-        try:
-            status = subprocess.call(cmd)
-        finally:
-            signal.signal(signal.SIGINT, previous)
-    finally:
-        if daemon is not None:
-            os.kill(daemon, signal.SIGTERM)
-            os.waitpid(daemon, 0)
-        if workdir is not None:
-            shutil.rmtree(workdir, ignore_errors=True)
-    return 128 - status if status < 0 else status
+        with private_epcfs(args) as cfg:
+            return _contain(args, rootfs, CGROUP_ROOT, cfg.enclave_socket, command)
+    except DaemonFailed as e:
+        print(f"epcfs run: {e}", file=sys.stderr)
+        return 1
+
+
+def _contain(args: argparse.Namespace, rootfs: str, cgroupfs: str, socket: str,
+             command: Sequence[str]) -> int:
+    try:
+        cmd = bwrap_command(rootfs, cgroupfs, socket, command, python=args.python,
+                            env=args.env)
+    except ValueError as e:
+        print(f"epcfs run: {e}", file=sys.stderr)
+        return 2
+    return call(cmd)
