@@ -16,8 +16,10 @@ paths, the memcg charged for the backing store that reclaim writes (effective_me
 
 from __future__ import annotations
 
+import contextlib
 import errno
 from collections import Counter
+from collections.abc import Iterator
 from enum import Enum
 
 from .bulk import BulkLoader
@@ -163,6 +165,20 @@ class Sgx(Reclaimer, BulkLoader, Invariants):
             if not done.freed and done.failed:
                 raise Blocked()
 
+    @contextlib.contextmanager
+    def _given_back_on_failure(self, nid: int, css: MiscCss) -> Iterator[None]:
+        """A page just allocated goes back to its node if the next allocation fails:
+        EREMOVEd after an error (the kernel had used it), as it was when merely Blocked
+        (the model gives it back instead of holding it while the kernel would spin)."""
+        try:
+            yield
+        except KernelError:
+            self._free_epc(nid, css, 1, eremove=True)
+            raise
+        except Blocked:
+            self._free_epc(nid, css, 1, eremove=False)
+            raise
+
     def _add_va(self, encl: Enclave, nid: int, css: MiscCss) -> None:
         self.encls["EPA"] += 1
         encl.va[(nid, css)] += 1
@@ -195,14 +211,8 @@ class Sgx(Reclaimer, BulkLoader, Invariants):
         encl = Enclave(self._next_id, pid, size_bytes // PAGE_SIZE)
         self._grow(encl, css, pid, True, pref)
         ((va_node, _),) = encl.va
-        try:
+        with self._given_back_on_failure(va_node, css):
             encl.secs_node = self._alloc(css, pid, True, pref)
-        except KernelError:
-            self._free_epc(va_node, css, 1, eremove=True)
-            raise
-        except Blocked:
-            self._free_epc(va_node, css, 1, eremove=False)
-            raise
         encl.secs_css = css
         self.encls["ECREATE"] += 1
         self._next_id += 1
@@ -260,14 +270,8 @@ class Sgx(Reclaimer, BulkLoader, Invariants):
                  page_type: SgxPageType, pref: list[int]) -> None:
         """sgx_encl_add_page: EPC page first, then grow (maybe a VA page), then EADD."""
         nid = self._alloc(css, pid, True, pref)
-        try:
+        with self._given_back_on_failure(nid, css):
             self._grow(encl, css, pid, True, pref)
-        except KernelError:
-            self._free_epc(nid, css, 1, eremove=True)
-            raise
-        except Blocked:
-            self._free_epc(nid, css, 1, eremove=False)
-            raise
         self.encls["EADD"] += 1
         if measured:
             self.encls["EEXTEND"] += SGX_EEXTENDS_PER_PAGE
