@@ -481,13 +481,20 @@ class TestEnclave:
     def call(self, op: Op, run: Run, leaf: int = EENTER) -> int:
         """ENCL_CALL / vdso_sgx_enter_enclave(op, 0, 0, leaf, 0, 0, run): always 0 here;
         the outcome is in `run` (and in `op`)."""
+        self._inside(run, leaf, lambda: self._execute(op))
+        return 0
+
+    def _inside(self, run: Run, leaf: int, body: Callable[[], object]) -> object:
+        """Enter through run's TCS, do `body` from the first instruction on, and leave:
+        EEXIT in `run` and body's result, or the AEX in `run` and the Fault that caused
+        it (the TCS then needs ERESUME)."""
         try:
             tcs = self._enter(run, leaf)
             try:
                 _, stack = self.tcs_pages[tcs]
                 self.access(CODE, "x")
                 self.access(stack, "w")
-                self._execute(op)
+                result = body()
             except Fault:
                 self.in_aex.add(tcs)
                 raise
@@ -496,9 +503,9 @@ class TestEnclave:
             run.exception_vector = f.vector
             run.exception_error_code = f.code
             run.exception_addr = f.addr
-            return 0
+            return f
         run.function = EEXIT
-        return 0
+        return result
 
     def _execute(self, op: Op) -> None:
         page = (op.addr - self.encl_base) // PAGE_SIZE
@@ -551,24 +558,11 @@ class TestEnclave:
         """The EACCEPT-every-page loop of the oversubscribed remove test, its one entry
         per page folded into one protocol call: returns (pages accepted, ret of the page
         that failed); a page fault that could not be served is reported in `run`."""
-        try:
-            tcs = self._enter(run, EENTER)
-            try:
-                _, stack = self.tcs_pages[tcs]
-                self.access(CODE, "x")
-                self.access(stack, "w")
-                ret, done = self._eaccept(first, count)
-            except Fault:
-                self.in_aex.add(tcs)
-                raise
-        except Fault as f:
-            run.function = ERESUME
-            run.exception_vector = f.vector
-            run.exception_error_code = f.code
-            run.exception_addr = f.addr
-            page = (f.addr - self.encl_base) // PAGE_SIZE
+        outcome = self._inside(run, EENTER, lambda: self._eaccept(first, count))
+        if isinstance(outcome, Fault):
+            page = (outcome.addr - self.encl_base) // PAGE_SIZE
             return (page - first if first <= page < first + count else 0), 0
-        run.function = EEXIT
+        ret, done = outcome
         return done, ret
 
 
