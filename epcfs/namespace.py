@@ -1,4 +1,5 @@
-"""A private mount namespace in which epcfs is the cgroup2 hierarchy.
+"""A private mount namespace in which epcfs is the cgroup2 hierarchy (or, with
+--cgroup-version 1, the v1 layout: see CGROUP1_LINES and PROC_CGROUPS_V1).
 
 Three kernel facilities, reached through libc because Python 3.11 has no wrappers:
 - unshare(CLONE_NEWNS) plus recursive MS_PRIVATE, so nothing mounted here reaches the
@@ -33,6 +34,14 @@ CGROUP_ROOT = "/sys/fs/cgroup"
 CGROUP2_LINE = "cgroup2 /sys/fs/cgroup cgroup2 rw,nosuid,nodev,noexec,relatime 0 0\n"
 """How a kernel lists a cgroup2 hierarchy mounted by systemd."""
 
+CGROUP1_LINES = (
+    "tmpfs /sys/fs/cgroup tmpfs ro,nosuid,nodev,noexec,mode=755 0 0\n"
+    "cgroup /sys/fs/cgroup/misc cgroup rw,nosuid,nodev,noexec,relatime,misc 0 0\n"
+    "cgroup /sys/fs/cgroup/memory cgroup rw,nosuid,nodev,noexec,relatime,memory 0 0\n"
+)
+"""cgroup v1 as a systemd host lists it: a read-only tmpfs holding one mount per
+hierarchy, each naming its controller among the options."""
+
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
@@ -66,25 +75,47 @@ def mount_file_over(source: str, target: str) -> None:
         os.close(fd)
 
 
-def cgroup2_mount_table(real_table: str, root: str = CGROUP_ROOT) -> str:
+def cgroup2_mount_table(real_table: str, root: str = CGROUP_ROOT, version: int = 2) -> str:
     """The mount table as a kernel with cgroup2 at `root` would list it: every line at or
-    under `root` (the FUSE mount and whatever it now hides) replaced by one cgroup2 line."""
+    under `root` (the FUSE mount and whatever it now hides) replaced by one cgroup2 line
+    (version 1: by the tmpfs and the misc and memory cgroup lines)."""
     kept = [
         line + "\n"
         for line in real_table.splitlines()
         if len(line.split()) > 1 and not _at_or_under(line.split()[1], root)
     ]
-    return "".join(kept) + CGROUP2_LINE.replace(CGROUP_ROOT, root)
+    lines = CGROUP1_LINES if version == 1 else CGROUP2_LINE
+    return "".join(kept) + lines.replace(CGROUP_ROOT, root)
 
 
 def _at_or_under(path: str, root: str) -> bool:
     return path == root or path.startswith(root.rstrip("/") + "/")
 
 
-def fake_proc_mounts(workdir: str, root: str = CGROUP_ROOT) -> None:
-    """Show epcfs at `root` as cgroup2 in /proc/mounts (in this namespace only)."""
+PROC_CGROUPS_V1 = (
+    "#subsys_name\thierarchy\tnum_cgroups\tenabled\n"
+    "memory\t1\t1\t1\n"
+    "misc\t2\t1\t1\n"
+)
+"""/proc/cgroups of the simulated v1 machine: libcgroup learns the controller names (and
+which hierarchy holds each) from it before it matches mount options against them. Only
+epcfs's controllers, in the kernel's subsystem order; num_cgroups is not kept current
+(libcgroup does not read it)."""
+
+
+def fake_proc_cgroups(workdir: str) -> None:
+    """Show the v1 controllers in /proc/cgroups (in this namespace only)."""
+    path = os.path.join(workdir, "cgroups")
+    with open(path, "w") as f:
+        f.write(PROC_CGROUPS_V1)
+    mount_file_over(path, "/proc/cgroups")
+
+
+def fake_proc_mounts(workdir: str, root: str = CGROUP_ROOT, version: int = 2) -> None:
+    """Show epcfs at `root` as cgroup2 (or the v1 layout) in /proc/mounts (in this
+    namespace only)."""
     with open("/proc/self/mounts") as f:
-        table = cgroup2_mount_table(f.read(), root)
+        table = cgroup2_mount_table(f.read(), root, version)
     path = os.path.join(workdir, "mounts")
     with open(path, "w") as f:
         f.write(table)

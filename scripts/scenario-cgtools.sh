@@ -3,8 +3,13 @@
 # (cgcreate, cgset, cgexec, cgget, cgdelete) the way the bash selftests use them.
 #
 # Run it where /sys/fs/cgroup is epcfs:   epcfs run -- scripts/scenario-cgtools.sh
+# (or, for the cgroup v1 layout:          epcfs run --cgroup-version 1 -- …)
 # Environment: TEST_SGX (default: test_sgx on PATH).
 set -u
+
+# cgroup v1 iff /sys/fs/cgroup/misc is a directory, as the kernel's bash selftests decide
+if [ -d /sys/fs/cgroup/misc ]; then v1=1; else v1=0; fi
+echo "# cgroup v$((2 - v1)) layout"
 
 top=epcfs_cgtools
 test_sgx=${TEST_SGX:-test_sgx}
@@ -26,6 +31,11 @@ run_many() {
     done
 }
 
+clean_up() {
+    cgdelete -r -g misc:$top
+    ((v1 == 0)) || cgdelete -r -g memory:$top
+}
+
 value_of() { cgget -n -v -r "$1" "$2" | awk -v k="$3" '$1 == k { print $2 }'; }
 
 capacity=$(value_of misc.capacity / sgx_epc)
@@ -42,7 +52,7 @@ done
 cgset -r "misc.max=sgx_epc $small" $top/small_parent &&
     cgset -r "misc.max=sgx_epc $large" $top/large &&
     cgset -r "misc.max=sgx_epc $capacity" $top/larger ||
-    { echo "FAIL: cgset misc.max"; cgdelete -r -g misc:$top; exit 1; }
+    { echo "FAIL: cgset misc.max"; clean_up; exit 1; }
 
 run_many misc:$top/small_parent/small 1
 ((failed == 1)) && pass "a load fails under the small limit" ||
@@ -60,16 +70,22 @@ run_many misc:$top/larger 8
 ((failed == 0)) && pass "8 loads under the larger limit all succeeded" ||
     fail "8 loads under the larger limit: $failed failed"
 
-cgset -r "memory.max=$((capacity - 2 * large))" $top/large
+mem_limit=$((capacity - 2 * large))
+if ((v1)); then
+    cgset -r "memory.limit_in_bytes=$mem_limit" $top/large &&
+        cgset -r "memory.memsw.limit_in_bytes=$mem_limit" $top/large
+else
+    cgset -r "memory.max=$mem_limit" $top/large
+fi || fail "cannot set the memory limit"
 run_many "memory,misc:$top/large" 4
-((ok == 0)) && pass "4 loads with memory.max below the backing store all failed" ||
-    fail "memory.max below the backing store: $ok loads succeeded"
+((ok == 0)) && pass "4 loads with the memory limit below the backing store all failed" ||
+    fail "memory limit below the backing store: $ok loads succeeded"
 
 sleep 2
 usage=$(value_of misc.current $top sgx_epc)
 ((usage == 0)) && pass "nothing left charged (misc.current 0)" ||
     fail "misc.current is $usage after every load ended"
 
-cgdelete -r -g misc:$top
+clean_up
 echo "# $failures failed"
 ((failures == 0))

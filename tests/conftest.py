@@ -41,7 +41,9 @@ class Daemon:
             stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=REPO,
         )
         deadline = time.monotonic() + READY_TIMEOUT
-        while not (mountpoint / "misc.capacity").exists():
+        v1 = "--cgroup-version" in args and args[args.index("--cgroup-version") + 1] == "1"
+        probe = mountpoint / "misc" / "misc.capacity" if v1 else mountpoint / "misc.capacity"
+        while not probe.exists():
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 self.stop()
                 raise RuntimeError(f"epcfs did not come up:\n{self.log.read_text()}")

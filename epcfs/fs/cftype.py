@@ -47,7 +47,8 @@ def _allow_all(cg: Cgroup, caller: Caller) -> bool:
 
 @dataclass
 class Context:
-    """What show/write functions may touch besides the cgroup itself.
+    """What show/write functions may touch besides the cgroup itself: one per hierarchy
+    (cgroup v1 has two, misc and memory, each with its own process tracker).
 
     `may_write_procs(cg, caller)`: may the caller write cg's cgroup.procs (the file's
     mode and owner, as inode_permission would answer)? The filesystem installs it; the
@@ -58,6 +59,8 @@ class Context:
     tracker: ProcessTracker
     may_write_procs: Callable[[Cgroup, Caller], bool] = _allow_all
     peak_watchers: dict[object, weakref.WeakSet] = field(default_factory=dict)
+    release_agent: str = ""
+    """cgroup v1: the hierarchy's release_agent (stored, never run)."""
 
 
 @dataclass(frozen=True)

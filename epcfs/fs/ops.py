@@ -36,11 +36,19 @@ from .cftype import Caller, CfType, Context
 from .core_files import CORE_FILES
 from .memory_files import MEMORY_FILES
 from .misc_files import MISC_FILES
+from .v1_files import CORE_V1_FILES, MEMORY_V1_FILES
 
 log = logging.getLogger(__name__)
 
 TABLES: tuple[tuple[CfType, ...], ...] = (CORE_FILES, MEMORY_FILES, MISC_FILES)
 """Every controller's file table; a cgroup directory lists the rows that admit it."""
+
+V1_TABLES: tuple[tuple[CfType, ...], ...] = (CORE_V1_FILES, MEMORY_V1_FILES, MISC_FILES)
+"""The same for cgroup v1 hierarchies (misc shares its table between the versions)."""
+
+TOP_DIR_MODE = stat.S_IFDIR | 0o755
+"""cgroup v1: /sys/fs/cgroup is the tmpfs systemd mounts with mode=755 and remounts
+read-only once the hierarchies are mounted in it; creating anything there is EROFS."""
 
 ENTRY_TIMEOUT = 60.0
 """Seconds the kernel may cache names and attributes; our changes are invalidated."""
@@ -129,17 +137,47 @@ class CgroupFs(pyfuse3.Operations):
         super().__init_subclass__(**kwargs)
         _guard_all(cls)
 
-    def __init__(self, ctx: Context) -> None:
+    def __init__(self, ctx: Context, *, v1: tuple[Context, ...] = ()) -> None:
+        """v2: `ctx`'s hierarchy is the mount's root. v1 (`v1` given, `ctx` its first):
+        the root is a read-only tmpfs-like directory holding each context's hierarchy
+        under its controller's name (/sys/fs/cgroup/misc, /sys/fs/cgroup/memory)."""
         super().__init__()
         self.ctx = ctx
-        ctx.may_write_procs = self._may_write_procs
+        self.contexts = {c.hierarchy.root: c for c in (v1 or (ctx,))}
+        for c in self.contexts.values():
+            c.may_write_procs = self._may_write_procs
+        self.tables = V1_TABLES if v1 else TABLES
         self.nodes: dict[int, Node] = {}
         self.by_key: dict[tuple[Cgroup, str | None], Node] = {}
         self.owners: dict[tuple[Cgroup, str | None], tuple[int, int]] = {}
         self.next_inode = pyfuse3.ROOT_INODE
         self.handles: dict[int, Handle] = {}
         self.next_fh = 1
-        self._node(ctx.hierarchy.root, None)
+        self.top: Cgroup | None = None
+        if v1:
+            self.top = Cgroup("", None)  # a directory, not a cgroup: no files, no css
+            self.top.children = {root.name: root for root in self.contexts}
+            self._node(self.top, None).mode = TOP_DIR_MODE
+        else:
+            self._node(ctx.hierarchy.root, None)
+
+    def _ctx(self, cg: Cgroup) -> Context:
+        """The context of the hierarchy `cg` is in."""
+        if len(self.contexts) == 1:
+            return self.ctx
+        while cg.parent is not None:
+            cg = cg.parent
+        return self.contexts[cg]
+
+    def _parent_dir(self, cg: Cgroup) -> Cgroup:
+        """`..`: a v1 hierarchy's root sits in the top directory."""
+        if cg.parent is not None:
+            return cg.parent
+        return self.top if self.top is not None else cg
+
+    def _check_top(self, node: Node) -> None:
+        if node.cgroup is self.top:
+            raise pyfuse3.FUSEError(errno.EROFS)
 
     # -- inode registry ------------------------------------------------------------
 
@@ -184,15 +222,19 @@ class CgroupFs(pyfuse3.Operations):
 
     def files(self, cg: Cgroup) -> list[CfType]:
         """The interface files `cg` has now, in table order."""
-        return [cft for table in TABLES for cft in table if self._has(cg, cft)]
+        if cg is self.top:
+            return []
+        return [cft for table in self.tables for cft in table if self._has(cg, cft)]
 
     @staticmethod
     def _has(cg: Cgroup, cft: CfType) -> bool:
         return cft.where.admits(cg) and (
-            cft.controller is None or cg.is_root or cft.controller in cg.parent.subtree_control)
+            cft.controller is None or cft.controller in cg.controllers)
 
     def _file(self, cg: Cgroup, name: str) -> CfType | None:
-        for table in TABLES:
+        if cg is self.top:
+            return None
+        for table in self.tables:
             for cft in table:
                 if cft.name == name:
                     return cft if self._has(cg, cft) else None
@@ -245,7 +287,7 @@ class CgroupFs(pyfuse3.Operations):
         if name == b".":
             return self._entry(parent)
         if name == b"..":
-            return self._entry(self._node(cg.parent or cg, None))
+            return self._entry(self._node(self._parent_dir(cg), None))
         text = os.fsdecode(name)
         child = cg.children.get(text)
         if child is not None:
@@ -310,7 +352,8 @@ class CgroupFs(pyfuse3.Operations):
         parent = self._live(parent_inode)
         if parent.cftype is not None:
             raise pyfuse3.FUSEError(errno.ENOTDIR)
-        cg = self.ctx.hierarchy.mkdir(parent.cgroup, os.fsdecode(name))
+        self._check_top(parent)
+        cg = self._ctx(parent.cgroup).hierarchy.mkdir(parent.cgroup, os.fsdecode(name))
         owner = (ctx.uid, ctx.gid)
         if owner != NO_OWNER:  # kernfs nodes get the creator's fsuid/fsgid
             self.owners[(cg, None)] = owner
@@ -320,13 +363,15 @@ class CgroupFs(pyfuse3.Operations):
 
     async def rmdir(self, parent_inode, name, ctx):
         parent = self._live(parent_inode)
+        self._check_top(parent)
         cg = parent.cgroup.children.get(os.fsdecode(name))
         if cg is None:
             if self._file(parent.cgroup, os.fsdecode(name)) is not None:
                 raise pyfuse3.FUSEError(errno.ENOTDIR)
             raise pyfuse3.FUSEError(errno.ENOENT)
-        self.ctx.tracker.settle()
-        self.ctx.hierarchy.rmdir(cg)
+        context = self._ctx(cg)
+        context.tracker.settle()
+        context.hierarchy.rmdir(cg)
         for key in [k for k in self.by_key if k[0] is cg]:
             self._drop(*key)
         self.owners.pop((cg, None), None)
@@ -345,7 +390,7 @@ class CgroupFs(pyfuse3.Operations):
         if start_id < 1 and not pyfuse3.readdir_reply(token, b".", self._attr(node), 1):
             return
         if start_id < 2:
-            parent = self._node(cg.parent or cg, None) if node.alive else node
+            parent = self._node(self._parent_dir(cg), None) if node.alive else node
             if not pyfuse3.readdir_reply(token, b"..", self._attr(parent), 2):
                 return
         if not node.alive:
@@ -366,21 +411,28 @@ class CgroupFs(pyfuse3.Operations):
     # -- names that cannot be made ----------------------------------------------------
 
     async def create(self, parent_inode, name, mode, flags, ctx):
+        self._check_top(self._get(parent_inode))
         raise pyfuse3.FUSEError(errno.EACCES)  # kernfs dirs have no ->create
 
     async def mknod(self, parent_inode, name, mode, rdev, ctx):
+        self._check_top(self._get(parent_inode))
         raise pyfuse3.FUSEError(errno.EPERM)
 
     async def symlink(self, parent_inode, name, target, ctx):
+        self._check_top(self._get(parent_inode))
         raise pyfuse3.FUSEError(errno.EPERM)
 
     async def link(self, inode, new_parent_inode, new_name, ctx):
+        self._check_top(self._get(new_parent_inode))
         raise pyfuse3.FUSEError(errno.EPERM)
 
     async def unlink(self, parent_inode, name, ctx):
+        self._check_top(self._get(parent_inode))
         raise pyfuse3.FUSEError(errno.EPERM)
 
     async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
+        self._check_top(self._get(parent_inode_old))
+        self._check_top(self._get(parent_inode_new))
         raise pyfuse3.FUSEError(errno.EPERM)  # cgroup2 has no kernfs ->rename
 
     # -- files ---------------------------------------------------------------------
@@ -407,7 +459,8 @@ class CgroupFs(pyfuse3.Operations):
         if not cft.readable:
             raise pyfuse3.FUSEError(errno.EINVAL)
         if off == 0 or not handle.data:
-            handle.data = cft.render(self.ctx, handle.node.cgroup, handle.caller).encode()
+            handle.data = cft.render(self._ctx(handle.node.cgroup), handle.node.cgroup,
+                                     handle.caller).encode()
         return handle.data[off : off + size]
 
     async def write(self, fh, off, buf):
@@ -422,7 +475,7 @@ class CgroupFs(pyfuse3.Operations):
         before = cg.subtree_control
         # the kernel NUL-terminates the buffer and parses it as a C string
         text = buf.decode("latin-1").split("\0", 1)[0]
-        cft.write(self.ctx, cg, text, handle.caller)
+        cft.write(self._ctx(cg), cg, text, handle.caller)
         if cg.subtree_control != before:
             await self._controllers_changed(cg, before, handle.caller)
         return len(buf)
@@ -437,7 +490,7 @@ class CgroupFs(pyfuse3.Operations):
         removed = before - cg.subtree_control
         gone: list[tuple[int, bytes]] = []
         for child in cg.children.values():
-            for table in TABLES:
+            for table in self.tables:
                 for cft in table:
                     if cft.controller in added and cft.where.admits(child):
                         self.owners[(child, cft.name)] = (caller.uid, caller.gid)

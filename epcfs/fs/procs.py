@@ -609,3 +609,36 @@ class ProcessTracker:
 
 def _is_descendant(cg: Cgroup, ancestor: Cgroup) -> bool:
     return any(a is ancestor for a in cg.ancestors())
+
+
+class LegacyTrackers:
+    """cgroup v1: a process is in one cgroup of each hierarchy, so each hierarchy has its
+    own tracker (fork inheritance, moves and exits are independent per hierarchy). This
+    is what the service (enclave server, stepper) sees in place of a single tracker."""
+
+    def __init__(self, *trackers: ProcessTracker) -> None:
+        self.trackers = trackers
+
+    def cgroup_of(self, pid: int) -> Cgroup:
+        """Resolve (and register) `pid` in every hierarchy; its cgroup in the first."""
+        found = [tracker.cgroup_of(pid) for tracker in self.trackers]
+        return found[0]
+
+    def settle(self, scan: bool = True) -> None:
+        for tracker in self.trackers:
+            tracker.settle(scan)
+
+    def deliver_oom_kills(self) -> None:
+        for tracker in self.trackers:
+            tracker.deliver_oom_kills()
+
+    async def run(self) -> None:
+        import trio
+
+        async with trio.open_nursery() as nursery:
+            for tracker in self.trackers:
+                nursery.start_soon(tracker.run)
+
+    def close(self) -> None:
+        for tracker in self.trackers:
+            tracker.close()

@@ -146,7 +146,7 @@ class BulkLoader:
         if state.subtree_lru != state.lru.pages:
             return 0
         k = min(wanted, (state.lru.pages - 1) // SGX_NR_TO_SCAN)
-        memcg = self.h.cgroup_of(pid).effective_memory()
+        memcg = self.h.memcg_of(pid)
         if not memcg.is_root:
             room = min(level.max - level.usage for level in memcg.ancestors())
             k = min(k, max(0, room) // (2 * SGX_NR_TO_SCAN))
@@ -241,7 +241,7 @@ class BulkLoader:
         the caller) and uncharged in the caller's misc commit."""
         if not count:
             return
-        memcg = self.h.cgroup_of(pid).effective_memory()
+        memcg = self.h.memcg_of(pid)
         lru = epc_cg(css).lru
         pos = 0
         batch_no, batch_encls = -1, set()
@@ -253,7 +253,7 @@ class BulkLoader:
                 encl.pages.cut(run.start + take)
             self._lru_unlink(run)
             gaps = encl.pcmd_missing(run.start, run.end)
-            charged = self.h.memory_try_charge(
+            charged = self.h.mem.memory_try_charge(
                 memcg, take + sum(g1 - g0 for g0, g1 in gaps), owner=encl.owner, current=pid)
             assert charged, "bulk eviction overran the memcg room it checked"
             encl.pcmd_add(gaps, memcg)

@@ -40,6 +40,13 @@ class Cgroup:
         self.dying = False
         self.misc: MiscCss | None = None
         self.memory: MemCss | None = None
+        self.legacy: frozenset[str] | None = None if parent is None else parent.legacy
+        """cgroup v1: the controllers of the (legacy) hierarchy this cgroup is in, all of
+        them always on everywhere; None in the v2 hierarchy."""
+        self.clone_children = parent is not None and parent.clone_children
+        self.notify_on_release = parent is not None and parent.notify_on_release
+        """cgroup v1 flags, inherited at mkdir (cgroup1 copies them from the parent);
+        stored and shown only: no cpuset to clone, no release agent is ever run."""
 
     @property
     def path(self) -> str:
@@ -68,7 +75,10 @@ class Cgroup:
 
     @property
     def controllers(self) -> frozenset[str]:
-        """cgroup.controllers: everything at the root, the parent's subtree_control below."""
+        """cgroup.controllers: everything at the root, the parent's subtree_control below
+        (v1: the hierarchy's controllers, everywhere)."""
+        if self.legacy is not None:
+            return self.legacy
         return frozenset(CONTROLLERS) if self.parent is None else self.parent.subtree_control
 
     def ancestors(self) -> Iterator[Cgroup]:
@@ -112,11 +122,25 @@ class Hierarchy:
     them is in an OOM-ing memcg, the kernel's OOM killer waits instead of killing more.
     """
 
-    def __init__(self, misc_capacity: dict[str, int] | None = None) -> None:
-        self.root = Cgroup("", None)
+    def __init__(self, misc_capacity: dict[str, int] | None = None,
+                 legacy: str | None = None) -> None:
+        """`legacy` makes this a cgroup v1 hierarchy of that one controller ("misc" or
+        "memory"), mounted at a directory of that name: every cgroup in it has the
+        controller (no subtree_control, no no-internal-process rule). A v1 machine is two
+        of them; the misc one reaches the memory one through `mem` (see memcg_of)."""
+        self.root = Cgroup(legacy or "", None)
         self.misc = Misc(misc_capacity)
-        self.root.misc = MiscCss(self.root, None)
-        self.root.memory = MemCss(self.root, None)
+        if legacy is not None:
+            if legacy not in CONTROLLERS:
+                raise ValueError(f"no controller {legacy!r}")
+            self.root.legacy = frozenset({legacy})
+        if legacy in (None, "misc"):
+            self.root.misc = MiscCss(self.root, None)
+        if legacy in (None, "memory"):
+            self.root.memory = MemCss(self.root, None)
+        self.mem: Hierarchy = self
+        """The hierarchy holding the memory controller, whose memory_* methods charge and
+        OOM-kill: this one in v2; in v1 the separate memory hierarchy."""
         self.procs: dict[int, Cgroup] = {}
         self.proc_memory: dict[int, int] = {}
         self.oom_kills: list[int] = []
@@ -161,7 +185,7 @@ class Hierarchy:
         parent.children[name] = child
         for cg in parent.ancestors():
             cg.nr_descendants += 1
-        for controller in parent.subtree_control:
+        for controller in child.controllers:
             self._css_online(child, controller)
         return child
 
@@ -325,6 +349,15 @@ class Hierarchy:
         """The cgroup a tracked pid is in; untracked pids are in the root."""
         return self.procs.get(pid, self.root)
 
+    def misc_of(self, pid: int) -> MiscCss:
+        """The misc css a process's charges go to."""
+        return self.cgroup_of(pid).effective_misc()
+
+    def memcg_of(self, pid: int) -> MemCss:
+        """The memcg a process's charges go to: in v1, from its cgroup in the memory
+        hierarchy (a process is in one cgroup of each hierarchy)."""
+        return self.mem.cgroup_of(pid).effective_memory()
+
     def kill_targets(self, cg: Cgroup) -> list[int]:
         """cgroup.kill: every process in the subtree."""
         return [pid for sub in cg.walk() for pid in sub.procs]
@@ -345,6 +378,7 @@ class Hierarchy:
         """
         over = css.over_limit(pages) if not css.is_root else None
         if over is not None:
+            over.failcnt += 1
             over.event("max")
             self._oom(over)
             if current is None or current not in self.oom_victims:
@@ -371,7 +405,7 @@ class Hierarchy:
         process is waiting for it, unless it is the victim itself (then the charge is
         forced, as for a dying task).
         """
-        css = self.cgroup_of(pid).effective_memory()
+        css = self.memcg_of(pid)
         if not self.memory_try_charge(css, pages, owner=pid, current=pid):
             raise KernelError(errno.ENOMEM, f"memory.max reached in {css.cgroup.path}")
         held = self.declared.setdefault(pid, Counter())
@@ -384,7 +418,7 @@ class Hierarchy:
         if victim is not None:
             self.oom_victims.add(victim)
             self.oom_kills.append(victim)
-            self.cgroup_of(victim).effective_memory().event("oom_kill")
+            self.memcg_of(victim).event("oom_kill")
 
     def _oom_pick(self, scope: Cgroup) -> int | None:
         """The OOM victim in `scope`'s subtree, or None while an earlier one is exiting."""
@@ -405,6 +439,24 @@ class Hierarchy:
         """
         css.max = min(pages, PAGE_COUNTER_MAX)
         self.enforce_memory_max(css)
+
+    def set_memory_limit_v1(self, css: MemCss, pages: int, memsw: bool) -> None:
+        """cgroup v1 memory.limit_in_bytes / memory.memsw.limit_in_bytes
+        (mem_cgroup_resize_max): the memory limit may not exceed the memory+swap one
+        (EINVAL either way round); a limit below usage needs reclaim, and nothing epcfs
+        charges is reclaimable, so that is EBUSY and nothing changes (v1 does not
+        OOM-kill for a limit write, unlike v2's memory.max)."""
+        if css.is_root:
+            raise KernelError(errno.EINVAL, "the root memcg has no limit")
+        pages = min(pages, PAGE_COUNTER_MAX)
+        if memsw and pages < css.max or not memsw and pages > css.memsw_max:
+            raise KernelError(errno.EINVAL, "memory.limit_in_bytes > memory.memsw.limit_in_bytes")
+        if css.usage > pages:
+            raise KernelError(errno.EBUSY, f"usage {css.usage} pages cannot be reclaimed")
+        if memsw:
+            css.memsw_max = pages
+        else:
+            css.max = pages
 
     def enforce_memory_max(self, css: MemCss) -> None:
         if not css.dead and css.usage > css.max:

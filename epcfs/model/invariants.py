@@ -92,8 +92,8 @@ class Invariants:
             for pid in cg.procs:
                 assert h.procs.get(pid) is cg, f"pid {pid} misfiled"
             if not cg.is_root:
-                assert (cg.misc is not None) == ("misc" in cg.parent.subtree_control)
-                assert (cg.memory is not None) == ("memory" in cg.parent.subtree_control)
+                assert (cg.misc is not None) == ("misc" in cg.controllers)
+                assert (cg.memory is not None) == ("memory" in cg.controllers)
                 assert cg.subtree_control <= cg.controllers, cg.path
         for pid, cg in h.procs.items():
             assert pid in cg.procs and not cg.dying
@@ -184,7 +184,7 @@ class Invariants:
         return total
 
     def _check_memory(self, backing: Counter[MemCss], owned: Counter[int]) -> None:
-        h = self.h
+        h = self.h.mem
         memcgs = [cg.memory for cg in h.root.walk() if cg.memory is not None]
         memcgs += [css for css in h.lingering if isinstance(css, MemCss)]
         declared: Counter[MemCss] = Counter()

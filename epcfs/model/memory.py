@@ -27,7 +27,7 @@ class MemCss:
     """
 
     __slots__ = ("cgroup", "parent", "usage", "max", "swap_max", "watermark", "events",
-                 "events_local", "dead", "is_root", "local_watermark")
+                 "events_local", "dead", "is_root", "local_watermark", "memsw_max", "failcnt")
 
     def __init__(self, cgroup: Cgroup, parent: MemCss | None) -> None:
         self.cgroup = cgroup
@@ -36,6 +36,11 @@ class MemCss:
         self.usage = 0
         self.max = PAGE_COUNTER_MAX
         self.swap_max = PAGE_COUNTER_MAX
+        self.memsw_max = PAGE_COUNTER_MAX
+        """cgroup v1 memory.memsw.limit_in_bytes (memory+swap; no swap here, so it only
+        ever constrains what limit_in_bytes may be set to)."""
+        self.failcnt = 0
+        """cgroup v1 memory.failcnt: charges this level's limit refused."""
         self.watermark = 0
         self.local_watermark = 0
         """Peak since the last memory.peak write (page_counter.local_watermark, 6.12+)."""

@@ -137,7 +137,7 @@ class Reclaimer:
         """sgx_encl_alloc_backing's memcg: the reclaiming task's, or for ksgxd and the
         workers the enclave's mm's, taken here as its owner's current memcg."""
         pid = encl.owner if charge_pid is None else charge_pid
-        return self.h.cgroup_of(pid).effective_memory()
+        return self.h.memcg_of(pid)
 
     # -- the three steps -------------------------------------------------------------
 
@@ -204,7 +204,7 @@ class Reclaimer:
                         for g in range(g0, g1) if (encl, g) not in new_pcmd]
         need = len(run) + len(fresh_groups)
         if memcg.is_root or memcg.over_limit(need) is None:  # all fit: one charge does
-            self.h.memory_try_charge(memcg, need, owner=encl.owner, current=batch.charge_pid)
+            self.h.mem.memory_try_charge(memcg, need, owner=encl.owner, current=batch.charge_pid)
             for g in fresh_groups:
                 new_pcmd[(encl, g)] = memcg
             run.memcg = memcg
@@ -213,7 +213,7 @@ class Reclaimer:
         for i in range(run.start, run.end):
             g = i // PCMDS_PER_PAGE
             fresh = (encl, g) not in new_pcmd and encl.pcmd.find(g) < 0
-            if self.h.memory_try_charge(memcg, 1 + fresh, owner=encl.owner,
+            if self.h.mem.memory_try_charge(memcg, 1 + fresh, owner=encl.owner,
                                         current=batch.charge_pid):
                 if fresh:
                     new_pcmd[(encl, g)] = memcg
@@ -260,7 +260,7 @@ class Reclaimer:
         memcg = self._backing_memcg(encl, charge_pid)
         s = encl.secs_index
         gaps = encl.pcmd_missing(s, s + 1)
-        if not self.h.memory_try_charge(memcg, 1 + len(gaps), owner=encl.owner,
+        if not self.h.mem.memory_try_charge(memcg, 1 + len(gaps), owner=encl.owner,
                                         current=charge_pid):
             return
         encl.pcmd_add(gaps, memcg)
@@ -370,7 +370,7 @@ class Reclaimer:
         """sgx_reclaim_direct, run before each page of an EDMM ioctl: the caller's own
         cgroup first if near its limit, then globally if free pages are low."""
         done = Round()
-        css = self.h.cgroup_of(pid).effective_misc()
+        css = self.h.misc_of(pid)
         if should_reclaim(css):
             r = self.cgroup_reclaim_pages(css, pid, SGX_NR_TO_SCAN)
             done.scanned += r.scanned

@@ -8,9 +8,10 @@ counts the ENCLS leaves it performed in `encls`, which the service turns into ti
 Signals are the service's: where the kernel checks signal_pending (ERESTARTSYS between
 pages or reclaim rounds), the service simply stops calling and answers EINTR.
 
-The caller of every operation is a pid: its cgroup (Hierarchy.cgroup_of) picks the misc
-css charged for the EPC pages it allocates (effective_misc) and, on the synchronous
-paths, the memcg charged for the backing store that reclaim writes (effective_memory).
+The caller of every operation is a pid: its cgroup picks the misc css charged for the EPC
+pages it allocates (Hierarchy.misc_of) and, on the synchronous paths, the memcg charged
+for the backing store that reclaim writes (Hierarchy.memcg_of; in cgroup v1 its cgroup in
+the separate memory hierarchy).
 `node` is the NUMA node the caller runs on; allocation prefers it (None: the first node).
 """
 
@@ -206,7 +207,7 @@ class Sgx(Reclaimer, BulkLoader, Invariants):
         EINVAL unless the size is a power of two of at least a page."""
         if size_bytes < PAGE_SIZE or size_bytes & (size_bytes - 1):
             raise KernelError(errno.EINVAL, f"enclave size {size_bytes} is not a power of two")
-        css = self.h.cgroup_of(pid).effective_misc()
+        css = self.h.misc_of(pid)
         pref = self.epc.preference(node)
         encl = Enclave(self._next_id, pid, size_bytes // PAGE_SIZE)
         self._grow(encl, css, pid, True, pref)
@@ -241,7 +242,7 @@ class Sgx(Reclaimer, BulkLoader, Invariants):
             raise KernelError(errno.EINVAL, "bad ADD_PAGES request")
         if page_type not in (SgxPageType.REG, SgxPageType.TCS):
             raise KernelError(errno.EINVAL, f"cannot EADD a {page_type.name} page")
-        css = self.h.cgroup_of(pid).effective_misc()
+        css = self.h.misc_of(pid)
         pref = self.epc.preference(node)
         done = 0
         while done < count:
@@ -331,7 +332,7 @@ class Sgx(Reclaimer, BulkLoader, Invariants):
         """sgx_encl_load_page for an evicted child: SECS first if needed, then ELDU the
         page on the no-reclaim path; it goes back on the LRU tail. If the child's page
         cannot be had, the SECS stays loaded, as in the kernel."""
-        css = self.h.cgroup_of(pid).effective_misc()
+        css = self.h.misc_of(pid)
         self._load_secs(encl, css, pid, pref)
         nid = self._alloc(css, pid, False, pref)
         self.encls["ELDU"] += 1
@@ -360,9 +361,9 @@ class Sgx(Reclaimer, BulkLoader, Invariants):
         """Index i was loaded back: free its contents page and its VA slot, and its PCMD
         page if that now serves nothing (__sgx_encl_eldu's truncations)."""
         encl.va_used -= 1
-        self.h.memory_uncharge(memcg, 1, encl.owner)
+        self.h.mem.memory_uncharge(memcg, 1, encl.owner)
         for mc, n in encl.pcmd_drop(encl.pcmd_emptied(i, i + 1)):
-            self.h.memory_uncharge(mc, n, encl.owner)
+            self.h.mem.memory_uncharge(mc, n, encl.owner)
 
     def eaug(self, encl: Enclave, pid: int, page_index: int,
              node: int | None = None) -> Fault:
@@ -372,7 +373,7 @@ class Sgx(Reclaimer, BulkLoader, Invariants):
             return Fault.SIGBUS
         if encl.pages.find(page_index) >= 0:
             return Fault.OK
-        css = self.h.cgroup_of(pid).effective_misc()
+        css = self.h.misc_of(pid)
         pref = self.epc.preference(node)
         try:
             self._load_secs(encl, css, pid, pref)
@@ -568,13 +569,13 @@ class Sgx(Reclaimer, BulkLoader, Invariants):
             elif run.state is RunState.ISOLATED:
                 run.state = RunState.ORPHAN
             else:
-                self.h.memory_uncharge(run.memcg, len(run), encl.owner)
+                self.h.mem.memory_uncharge(run.memcg, len(run), encl.owner)
         for span in encl.pcmd:
-            self.h.memory_uncharge(span.value, len(span), encl.owner)
+            self.h.mem.memory_uncharge(span.value, len(span), encl.owner)
         if encl.secs_css is not None:
             uncharge[(encl.secs_node, encl.secs_css)] += 1
         elif encl.secs_memcg is not None:
-            self.h.memory_uncharge(encl.secs_memcg, 1, encl.owner)
+            self.h.mem.memory_uncharge(encl.secs_memcg, 1, encl.owner)
         uncharge.update(encl.va)
         for (nid, css), n in uncharge.items():
             self._free_epc(nid, css, n, eremove=True)
@@ -604,7 +605,7 @@ class Sgx(Reclaimer, BulkLoader, Invariants):
             return Fault.SIGBUS
         if vepc.pages.find(page_index) >= 0:
             return Fault.OK
-        css = self.h.cgroup_of(pid).effective_misc()
+        css = self.h.misc_of(pid)
         try:
             nid = self._alloc(css, pid, False, self.epc.preference(node))
         except KernelError as e:

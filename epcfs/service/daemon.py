@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 from ..model.constants import SGX_MAX_EPC_SECTIONS
 from ..units import parse_size
+from .timing import DEFAULT_SCALE
 
 log = logging.getLogger("epcfs")
 
@@ -36,14 +37,17 @@ class MountConfig:
     capacity: int = DEFAULT_CAPACITY
     sections: list[tuple[int, int]] | None = None
     """EPC sections as (NUMA node, bytes); None: one section of `capacity` on node 0."""
-    time_scale: float = 20.0
-    """Wall seconds per simulated second of ENCLS work (timing.DEFAULT_SCALE)."""
+    time_scale: float = DEFAULT_SCALE
+    """Wall seconds per simulated second of ENCLS work."""
     enclave_socket: str | None = None
     """Where the simulated /dev/sgx_enclave listens; None: protocol.default_socket."""
     root_controllers: str = "memory misc"
     """The root's cgroup.subtree_control at mount: a booted host's init system has
     enabled controllers there, and libcgroup (cgcreate) relies on it: it enables a
     controller in the cgroups it creates, never in the root."""
+    cgroup_version: int = 2
+    """2: one cgroup2 hierarchy at the mountpoint. 1: the v1 layout, a read-only
+    directory holding two hierarchies, `misc` and `memory` (root_controllers unused)."""
     foreground: bool = False
     debug: bool = False
     fuse_debug: bool = False
@@ -67,13 +71,16 @@ def add_mount_options(p: argparse.ArgumentParser) -> None:
                    help="an EPC section of SIZE bytes on NUMA node NODE (repeatable, at most "
                         "8); the capacity is their sum")
     p.add_argument("--time-scale", type=float, default=None, metavar="X",
-                   help="wall seconds per simulated second of SGX work (default 20: the "
-                        "selftests' runs take realistic seconds at 128M; 0: as fast as "
-                        "possible)")
+                   help=f"wall seconds per simulated second of SGX work (default "
+                        f"{DEFAULT_SCALE:g}: the selftests' runs take realistic seconds at "
+                        "128M; 0: as fast as possible)")
     p.add_argument("--root-controllers", metavar="LIST", default=None,
                    help="controllers enabled in the root's cgroup.subtree_control at mount, "
                         "as a booted host's init system leaves them (default \"memory misc\"; "
-                        "\"\" for a bare kernel mount)")
+                        "\"\" for a bare kernel mount; unused with --cgroup-version 1)")
+    p.add_argument("--cgroup-version", type=int, choices=(1, 2), default=None,
+                   help="2 (default): a cgroup2 hierarchy; 1: the cgroup v1 layout, separate "
+                        "misc and memory hierarchies in MOUNTPOINT/misc and MOUNTPOINT/memory")
     p.add_argument("--enclave-socket", metavar="PATH", default=None,
                    help="where the simulated /dev/sgx_enclave listens (default: "
                         "/run/epcfs/<mountpoint>.sock; clients use $EPCFS_SOCKET or that)")
@@ -117,6 +124,7 @@ def config_from_args(args: argparse.Namespace, mountpoint: str) -> MountConfig:
         root_controllers=(MountConfig.root_controllers
                           if getattr(args, "root_controllers", None) is None
                           else args.root_controllers),
+        cgroup_version=getattr(args, "cgroup_version", None) or 2,
         foreground=getattr(args, "foreground", False) or getattr(args, "debug", False),
         debug=getattr(args, "debug", False),
     )
@@ -217,7 +225,7 @@ def serve(cfg: MountConfig, ready) -> int:
     from ..fs import loop as fuse_loop
     from ..fs.cftype import Context
     from ..fs.ops import CgroupFs
-    from ..fs.procs import ProcessTracker
+    from ..fs.procs import LegacyTrackers, ProcessTracker
     from ..model.cgroup import Hierarchy
     from ..model.sgx import Sgx
     from ..protocol import default_socket
@@ -225,21 +233,31 @@ def serve(cfg: MountConfig, ready) -> int:
     from .reclaimers import Reclaimers
     from .steps import Stepper
 
-    hierarchy = Hierarchy()
-    hierarchy.write_subtree_control(
-        hierarchy.root, " ".join("+" + name for name in cfg.root_controllers.split()))
+    if cfg.cgroup_version == 1:
+        hierarchy = Hierarchy(legacy="misc")
+        hierarchy.mem = Hierarchy(legacy="memory")
+    else:
+        hierarchy = Hierarchy()
+        hierarchy.write_subtree_control(
+            hierarchy.root, " ".join("+" + name for name in cfg.root_controllers.split()))
     sections = cfg.sections or [(0, cfg.capacity)]
     sgx = Sgx(hierarchy, sections, stepwise_reclaim=True)
     # The machine booted long before anyone could look: ksgxd's EREMOVE pass over every
     # EPC page is done before the mount answers (its time is not spent; a selftest run
     # right after mounting must not meet a half-sanitized EPC and fail with ENOMEM).
     sgx.sanitize_all()
-    tracker = ProcessTracker(hierarchy)
+    if cfg.cgroup_version == 1:
+        contexts = (Context(hierarchy, ProcessTracker(hierarchy)),
+                    Context(hierarchy.mem, ProcessTracker(hierarchy.mem)))
+        tracker = LegacyTrackers(*(c.tracker for c in contexts))
+        fs = CgroupFs(contexts[0], v1=contexts)
+    else:
+        tracker = ProcessTracker(hierarchy)
+        fs = CgroupFs(Context(hierarchy, tracker))
     steps = Stepper(sgx, tracker, cfg.time_scale)
     reclaimers = Reclaimers(sgx, steps)
     server = EnclaveServer(sgx, tracker, sections, steps, reclaimers)
     socket_path = cfg.enclave_socket or default_socket(cfg.mountpoint)
-    fs = CgroupFs(Context(hierarchy, tracker))
     options = set(pyfuse3.default_options)
     options |= {"fsname=epcfs", "subtype=epcfs", "allow_other"}
     if cfg.fuse_debug:
@@ -252,7 +270,7 @@ def serve(cfg: MountConfig, ready) -> int:
             nursery.start_soon(tracker.run)
             nursery.start_soon(reclaimers.run)
             await nursery.start(server.serve, socket_path)
-            nursery.start_soon(_announce_ready, cfg.mountpoint, ready)
+            nursery.start_soon(_announce_ready, capacity_file(cfg), ready)
             await fuse_loop.main()
             nursery.cancel_scope.cancel()
 
@@ -278,8 +296,14 @@ def serve(cfg: MountConfig, ready) -> int:
     return status
 
 
-async def _announce_ready(mountpoint: str, ready) -> None:
+def capacity_file(cfg: MountConfig) -> str:
+    """misc.capacity under the mount: the readiness probe (v1: in the misc hierarchy)."""
+    misc_root = os.path.join(cfg.mountpoint, "misc") if cfg.cgroup_version == 1 else cfg.mountpoint
+    return os.path.join(misc_root, "misc.capacity")
+
+
+async def _announce_ready(path: str, ready) -> None:
     import trio
 
-    await trio.to_thread.run_sync(os.stat, os.path.join(mountpoint, "misc.capacity"))
+    await trio.to_thread.run_sync(os.stat, path)
     ready()

@@ -280,7 +280,7 @@ async def _vepc(srv: EnclaveServer, conn: Connection, req: dict) -> dict:
 
 async def _declare(srv: EnclaveServer, conn: Connection, req: dict) -> dict:
     pages = -(-int(req["bytes"]) // PAGE_SIZE)
-    await srv.step(conn, srv.sgx.h.declare_memory, conn.pid, pages)
+    await srv.step(conn, srv.sgx.h.mem.declare_memory, conn.pid, pages)
     return {"ok": True}
 
 

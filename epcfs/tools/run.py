@@ -2,9 +2,11 @@
 
 A private mount namespace holds everything: the daemon mounted at /sys/fs/cgroup (the
 host's cgroup mounts sit out of sight beneath it), /proc/mounts showing it as cgroup2
-so Debian's cgroup-tools work unchanged, and the enclave socket in a private directory
-named by $EPCFS_SOCKET. On exit the daemon unmounts and the namespace goes away; the
-host's mounts were never touched. The exit status is CMD's (128+N if a signal ended it).
+so Debian's cgroup-tools work unchanged (`--cgroup-version 1`: as a tmpfs holding misc
+and memory cgroup mounts, with /proc/cgroups listing the two controllers), and the
+enclave socket in a private directory named by $EPCFS_SOCKET. On exit the daemon
+unmounts and the namespace goes away; the host's mounts were never touched. The exit
+status is CMD's (128+N if a signal ended it).
 
 With `--rootfs DIR`, CMD runs in a container made by bubblewrap: new mount, pid, uts
 and ipc namespaces, DIR as its root (scripts/make-rootfs builds a busybox one), a fresh
@@ -32,7 +34,12 @@ import sys
 import tempfile
 from collections.abc import Iterator, Sequence
 
-from ..namespace import CGROUP_ROOT, enter_private_mount_namespace, fake_proc_mounts
+from ..namespace import (
+    CGROUP_ROOT,
+    enter_private_mount_namespace,
+    fake_proc_cgroups,
+    fake_proc_mounts,
+)
 from ..protocol import default_socket
 from ..service.daemon import MountConfig, add_mount_options, config_from_args, start_detached
 
@@ -113,7 +120,9 @@ def private_epcfs(args: argparse.Namespace) -> Iterator[MountConfig]:
         except RuntimeError as e:
             raise DaemonFailed(str(e)) from e
         try:
-            fake_proc_mounts(workdir)
+            fake_proc_mounts(workdir, version=cfg.cgroup_version)
+            if cfg.cgroup_version == 1:
+                fake_proc_cgroups(workdir)
             yield cfg
         finally:
             os.kill(daemon, signal.SIGTERM)
@@ -183,7 +192,8 @@ def run_in_container(args: argparse.Namespace, command: Sequence[str]) -> int:
     rootfs = os.path.abspath(args.rootfs)
     if args.attach:
         cgroupfs = os.path.abspath(args.attach)
-        if not os.path.exists(os.path.join(cgroupfs, "misc.capacity")):
+        if not any(os.path.exists(os.path.join(cgroupfs, *sub, "misc.capacity"))
+                   for sub in ((), ("misc",))):
             print(f"epcfs run: no epcfs mounted at {cgroupfs}", file=sys.stderr)
             return 1
         return _contain(args, rootfs, cgroupfs,

@@ -38,15 +38,22 @@ def epcfs_run(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
                           env=env, capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.mark.parametrize("script", ["scenario.sh", "scenario-cgtools.sh"])
-def test_scenario_passes_and_leaves_nothing(script):
+@pytest.mark.parametrize(("script", "version"), [("scenario.sh", "2"),
+                                                 ("scenario-cgtools.sh", "2"),
+                                                 ("scenario-cgtools.sh", "1")])
+def test_scenario_passes_and_leaves_nothing(script, version):
+    """Version 1: the cgroup v1 layout (separate misc and memory hierarchies), which the
+    cgroup-tools script detects as the kernel's bash selftests do."""
     if script.endswith("cgtools.sh") and not shutil.which("cgcreate"):
         pytest.skip("cgroup-tools not installed")
-    result = epcfs_run("--capacity", CAPACITY, "--", f"scripts/{script}")
+    result = epcfs_run("--capacity", CAPACITY, "--cgroup-version", version, "--",
+                       f"scripts/{script}")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "FAIL" not in result.stdout
     assert result.stdout.count("PASS:") >= 6
     assert "nothing left charged" in result.stdout
+    if script.endswith("cgtools.sh"):
+        assert f"# cgroup v{version} layout" in result.stdout
     assert not epcfs_at_cgroup_root()
 
 
@@ -58,6 +65,21 @@ def test_run_shows_epcfs_as_cgroup2_and_returns_the_command_status():
     assert result.stdout == ("cgroup2 /sys/fs/cgroup cgroup2 rw,nosuid,nodev,noexec,relatime 0 0\n"
                              "sgx_epc 16777216\n")
     assert not epcfs_at_cgroup_root()  # the host never saw it
+
+
+def test_run_v1_shows_the_v1_layout_in_proc_mounts_and_proc_cgroups():
+    result = epcfs_run("--capacity", CAPACITY, "--time-scale", "0", "--cgroup-version", "1",
+                       "--", "sh", "-c",
+                       "grep ' /sys/fs/cgroup' /proc/mounts; cat /proc/cgroups; "
+                       "cat /sys/fs/cgroup/misc/misc.capacity; ls /sys/fs/cgroup")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == (
+        "tmpfs /sys/fs/cgroup tmpfs ro,nosuid,nodev,noexec,mode=755 0 0\n"
+        "cgroup /sys/fs/cgroup/misc cgroup rw,nosuid,nodev,noexec,relatime,misc 0 0\n"
+        "cgroup /sys/fs/cgroup/memory cgroup rw,nosuid,nodev,noexec,relatime,memory 0 0\n"
+        "#subsys_name\thierarchy\tnum_cgroups\tenabled\nmemory\t1\t1\t1\nmisc\t2\t1\t1\n"
+        "sgx_epc 16777216\nmemory\nmisc\n")
+    assert not epcfs_at_cgroup_root()
 
 
 def test_selftest_runs_a_kernel_style_script_unchanged(tmp_path):
