@@ -193,3 +193,44 @@ kill $load; wait $load
 def test_run_rejects_container_options_without_rootfs():
     result = epcfs_run("--attach", "/nonexistent", "--", "true", timeout=30)
     assert result.returncode == 2 and "--rootfs" in result.stderr
+
+
+def test_daemon_inside_its_own_pid_namespace(tmp_path):
+    """The daemon itself in a container (a new pid namespace with its own /proc): pids
+    written and listed are that namespace's, `echo 0` moves the writer, an exit leaves
+    cgroup.procs at once, and test_sgx is charged through the enclave socket. The
+    mount lives in the namespace's private mount table and goes with it."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    sock = tmp_path / "sgx.sock"
+    script = f"""
+        {sys.executable} -m epcfs.cli mount --time-scale 0 --capacity 16M \
+            --enclave-socket {sock} {mnt} || exit 1
+        mkdir {mnt}/x
+        sleep 30 & s=$!
+        echo $s > {mnt}/x/cgroup.procs && echo "listed $(cat {mnt}/x/cgroup.procs) for $s"
+        sh -c 'echo 0 > {mnt}/x/cgroup.procs
+               echo "self $$: $(tr "\\n" " " < {mnt}/x/cgroup.procs)"'
+        kill $s; wait $s
+        echo "after exit: [$(cat {mnt}/x/cgroup.procs)]"
+        EPCFS_SOCKET={sock} sh -c 'echo 0 > {mnt}/x/cgroup.procs; \
+            exec {Path(sys.executable).parent}/test_sgx -t unclobbered_vdso' | tail -n 1
+        awk '$1 == "sgx_epc" {{ print "peak", $2 }}' {mnt}/x/misc.peak
+        fusermount3 -u {mnt}  # the daemon sees its mount go and exits
+    """
+    result = subprocess.run(
+        ["unshare", "--pid", "--fork", "--mount", "--propagation", "private", "--mount-proc",
+         "sh", "-c", script],
+        cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    listed = next(line for line in lines if line.startswith("listed"))
+    assert listed.split()[1] == listed.split()[3]  # the namespace's own pid, as written
+    assert int(listed.split()[1]) < 100  # a fresh namespace's small pid, not the host's
+    selfline = next(line for line in lines if line.startswith("self"))
+    assert selfline.split()[1].rstrip(":") in selfline.split()[2:]
+    assert "after exit: []" in lines
+    assert "# Totals: pass:1 fail:0 xfail:0 xpass:0 skip:0 error:0" in lines
+    assert any(line.startswith("peak ") and int(line.split()[1]) > 0 for line in lines)
+    with open("/proc/self/mountinfo") as f:
+        assert str(mnt) not in f.read()
