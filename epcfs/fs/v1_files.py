@@ -113,22 +113,29 @@ _limit_show, _limit_write = _limit("max")
 _memsw_limit_show, _memsw_limit_write = _limit("memsw_max")
 
 
-def _max_usage_show(ctx: Context, cg: Cgroup) -> str:
-    return f"{cg.memory.watermark * PAGE_SIZE}\n"
+def _counter(watermark: str, failcnt: str):
+    """show/write pairs for a page counter's max_usage_in_bytes and failcnt
+    (mem_cgroup_reset: any text resets the peak to the usage, or the count to 0)."""
+
+    def max_usage_show(ctx: Context, cg: Cgroup) -> str:
+        return f"{getattr(cg.memory, watermark) * PAGE_SIZE}\n"
+
+    def max_usage_write(ctx: Context, cg: Cgroup, text: str, caller: Caller) -> None:
+        setattr(cg.memory, watermark, cg.memory.usage)
+
+    def failcnt_show(ctx: Context, cg: Cgroup) -> str:
+        return f"{getattr(cg.memory, failcnt)}\n"
+
+    def failcnt_write(ctx: Context, cg: Cgroup, text: str, caller: Caller) -> None:
+        setattr(cg.memory, failcnt, 0)
+
+    return max_usage_show, max_usage_write, failcnt_show, failcnt_write
 
 
-def _max_usage_write(ctx: Context, cg: Cgroup, text: str, caller: Caller) -> None:
-    """mem_cgroup_reset RES_MAX_USAGE: any text resets the watermark to the usage."""
-    cg.memory.watermark = cg.memory.usage
-
-
-def _failcnt_show(ctx: Context, cg: Cgroup) -> str:
-    return f"{cg.memory.failcnt}\n"
-
-
-def _failcnt_write(ctx: Context, cg: Cgroup, text: str, caller: Caller) -> None:
-    """mem_cgroup_reset RES_FAILCNT: any text resets the count."""
-    cg.memory.failcnt = 0
+_max_usage_show, _max_usage_write, _failcnt_show, _failcnt_write = _counter(
+    "watermark", "failcnt")
+(_memsw_max_usage_show, _memsw_max_usage_write, _memsw_failcnt_show,
+ _memsw_failcnt_write) = _counter("memsw_watermark", "memsw_failcnt")
 
 
 MEMORY_V1_FILES = (
@@ -142,4 +149,8 @@ MEMORY_V1_FILES = (
     CfType("memory.memsw.usage_in_bytes", Where.ALL, show=_usage_show, controller="memory"),
     CfType("memory.memsw.limit_in_bytes", Where.ALL, show=_memsw_limit_show,
            write=_memsw_limit_write, controller="memory"),
+    CfType("memory.memsw.max_usage_in_bytes", Where.NONROOT, show=_memsw_max_usage_show,
+           write=_memsw_max_usage_write, controller="memory"),
+    CfType("memory.memsw.failcnt", Where.NONROOT, show=_memsw_failcnt_show,
+           write=_memsw_failcnt_write, controller="memory"),
 )

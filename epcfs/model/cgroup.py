@@ -376,9 +376,13 @@ class Hierarchy:
         limit); otherwise it fails and the caller backs off. While an earlier victim has
         not exited yet no new one is picked (the kernel waits for it instead).
         """
-        over = css.over_limit(pages) if not css.is_root else None
-        if over is not None:
-            over.failcnt += 1
+        refused = css.over_limit(pages) if not css.is_root else None
+        if refused is not None:
+            over, counter = refused
+            if counter == "memsw":
+                over.memsw_failcnt += 1
+            else:
+                over.failcnt += 1
             over.event("max")
             self._oom(over)
             if current is None or current not in self.oom_victims:

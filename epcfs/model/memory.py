@@ -27,7 +27,8 @@ class MemCss:
     """
 
     __slots__ = ("cgroup", "parent", "usage", "max", "swap_max", "watermark", "events",
-                 "events_local", "dead", "is_root", "local_watermark", "memsw_max", "failcnt")
+                 "events_local", "dead", "is_root", "local_watermark", "memsw_max", "failcnt",
+                 "memsw_watermark", "memsw_failcnt")
 
     def __init__(self, cgroup: Cgroup, parent: MemCss | None) -> None:
         self.cgroup = cgroup
@@ -41,6 +42,10 @@ class MemCss:
         ever constrains what limit_in_bytes may be set to)."""
         self.failcnt = 0
         """cgroup v1 memory.failcnt: charges this level's limit refused."""
+        self.memsw_watermark = 0
+        self.memsw_failcnt = 0
+        """cgroup v1 memory.memsw.max_usage_in_bytes / memsw.failcnt: the memory+swap
+        counter's own peak and refusals (its usage is the memory usage: no swap)."""
         self.watermark = 0
         self.local_watermark = 0
         """Peak since the last memory.peak write (page_counter.local_watermark, 6.12+)."""
@@ -64,11 +69,14 @@ class MemCss:
         for level in self.ancestors():
             level.events[name] += 1
 
-    def over_limit(self, pages: int) -> MemCss | None:
-        """The nearest level whose max `pages` more would exceed, or None if it fits."""
-        for level in self.ancestors():
-            if level.usage + pages > level.max:
-                return level
+    def over_limit(self, pages: int) -> tuple[MemCss, str] | None:
+        """The level and counter that `pages` more would take over its limit, in
+        try_charge_memcg's order: memory+swap first (set only in cgroup v1), then memory,
+        each from the nearest level up. None if the charge fits."""
+        for counter, limit in (("memsw", "memsw_max"), ("memory", "max")):
+            for level in self.ancestors():
+                if level.usage + pages > getattr(level, limit):
+                    return level, counter
         return None
 
     def commit(self, pages: int) -> None:
@@ -77,6 +85,7 @@ class MemCss:
             level.usage += pages
             level.watermark = max(level.watermark, level.usage)
             level.local_watermark = max(level.local_watermark, level.usage)
+            level.memsw_watermark = max(level.memsw_watermark, level.usage)
 
     def uncharge(self, pages: int) -> None:
         for level in self.ancestors():

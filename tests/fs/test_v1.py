@@ -48,7 +48,8 @@ def test_layout(v1):
                                               "misc.events", "misc.events.local"}
     assert listing(v1 / "memory/a") == CORE | {
         "memory.usage_in_bytes", "memory.max_usage_in_bytes", "memory.limit_in_bytes",
-        "memory.failcnt", "memory.memsw.usage_in_bytes", "memory.memsw.limit_in_bytes"}
+        "memory.failcnt", "memory.memsw.usage_in_bytes", "memory.memsw.limit_in_bytes",
+        "memory.memsw.max_usage_in_bytes", "memory.memsw.failcnt"}
     assert "cgroup.subtree_control" not in listing(v1 / "misc/a")
     assert read(v1 / "misc/misc.capacity") == "sgx_epc 16777216\n"
     assert read(v1 / "misc/a/misc.max") == "sgx_epc max\n"
@@ -185,6 +186,22 @@ def test_failcnt_counts_refused_charges_and_resets(v1):
     assert read(cg / "memory.failcnt") == "1\n"
     _echo(cg / "memory.failcnt", "0", OK)
     assert read(cg / "memory.failcnt") == "0\n"
+
+
+def test_equal_memsw_limit_refuses_first_and_counts_there(v1):
+    """With memsw = limit (as the bash selftests set them) try_charge_memcg meets the
+    memory+swap counter first: memsw.failcnt counts the refusal, memory.failcnt not."""
+    cg = v1 / "memory/t"
+    cg.mkdir()
+    _echo(cg / "memory.limit_in_bytes", "1M", OK)
+    _echo(cg / "memory.memsw.limit_in_bytes", "1M", OK)
+    p = _holder(v1, cg, 2 << 20)
+    p.stdin.close()
+    assert p.wait(10) == -9
+    assert (read(cg / "memory.memsw.failcnt"), read(cg / "memory.failcnt")) == ("1\n", "0\n")
+    _echo(cg / "memory.memsw.failcnt", "0", OK)
+    assert read(cg / "memory.memsw.failcnt") == "0\n"
+    assert read(cg / "memory.memsw.max_usage_in_bytes") == read(cg / "memory.max_usage_in_bytes")
 
 
 def test_tasks_and_procs_move_between_cgroups_of_one_hierarchy(v1):
