@@ -195,12 +195,7 @@ class RunMap:
         """The runs covering [a, b) after cutting at both ends (present pages only)."""
         self.cut(a)
         self.cut(b)
-        k = self.first_after(a)
-        out = []
-        while k < len(self.runs) and self.runs[k].start < b:
-            out.append(self.runs[k])
-            k += 1
-        return out
+        return self.overlapping(a, b)
 
     def overlapping(self, a: int, b: int) -> list:
         """Runs intersecting [a, b), without cutting anything."""
