@@ -99,6 +99,11 @@ class Round:
         self.freed += batch.written
         self.failed += batch.failed
 
+    def merge(self, other: Round) -> None:
+        self.scanned += other.scanned
+        self.freed += other.freed
+        self.failed += other.failed
+
 
 class Reclaimer:
     """The reclaim half of Sgx (mixed into it; the state lives there)."""
@@ -356,13 +361,20 @@ class Reclaimer:
         """queue_work(sgx_cg_wq, &css->reclaim_work): a no-op if already queued."""
         self.async_work[css] = None
 
-    def async_step(self, css: MiscCss) -> Round:
-        """One iteration of css's work item: a round if should_reclaim(css), else the
-        work item finishes (leaves async_work)."""
+    def work_pending(self, css: MiscCss) -> bool:
+        """The loop test of css's work item (sgx_cgroup_reclaim_work_func): True while it
+        has a round to do; once should_reclaim(css) is false the item finishes and leaves
+        async_work. The service's worker task and async_step both ask here."""
         if css not in self.async_work:
-            return Round()
+            return False
         if not should_reclaim(css):
             del self.async_work[css]
+            return False
+        return True
+
+    def async_step(self, css: MiscCss) -> Round:
+        """One iteration of css's work item, its round in one call."""
+        if not self.work_pending(css):
             return Round()
         return self.cgroup_reclaim_pages(css, None, SGX_NR_TO_SCAN)
 
@@ -372,13 +384,7 @@ class Reclaimer:
         done = Round()
         css = self.h.misc_of(pid)
         if should_reclaim(css):
-            r = self.cgroup_reclaim_pages(css, pid, SGX_NR_TO_SCAN)
-            done.scanned += r.scanned
-            done.freed += r.freed
-            done.failed += r.failed
+            done.merge(self.cgroup_reclaim_pages(css, pid, SGX_NR_TO_SCAN))
         if self.should_reclaim_global(SGX_NR_LOW_PAGES):
-            r = self.reclaim_global(pid)
-            done.scanned += r.scanned
-            done.freed += r.freed
-            done.failed += r.failed
+            done.merge(self.reclaim_global(pid))
         return done

@@ -12,6 +12,7 @@ ioctl returns at the next signal check.
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import os
 import socket
@@ -21,7 +22,7 @@ from collections.abc import Awaitable, Callable
 import trio
 
 from ..fs.procs import ProcessTracker
-from ..model.constants import PAGE_SIZE, SgxPageType
+from ..model.constants import PAGE_SIZE, SGX_NR_LOW_PAGES, SGX_NR_TO_SCAN, SgxPageType
 from ..model.enclave import Enclave, Vepc
 from ..model.errors import Blocked, KernelError, NeedReclaim
 from ..model.sgx import Fault, Sgx
@@ -170,6 +171,18 @@ class EnclaveServer:
                 return
         await trio.sleep(RETRY_TICK)
 
+    async def reclaim_direct(self, conn: Connection) -> None:
+        """sgx_reclaim_direct before each page of an EDMM ioctl, as timed rounds (the
+        model's reclaim_direct does it in one call, where no other task would see the
+        batches in flight): the caller's cgroup if near its limit, then globally if free
+        pages run low."""
+        conn.check_alive()
+        css = self.sgx.h.misc_of(conn.pid)
+        if self.sgx.should_reclaim(css):
+            await self.reclaimers.round(css, SGX_NR_TO_SCAN, conn.pid)
+        if self.sgx.should_reclaim_global(SGX_NR_LOW_PAGES):
+            await self.reclaimers.round(self.sgx.h.root.misc, SGX_NR_TO_SCAN, conn.pid)
+
     async def fault_in(self, conn: Connection, fn: Callable, encl, first: int,
                        count: int) -> dict | None:
         """Accesses to `count` pages: each retried while the fault handler says RETRY.
@@ -236,18 +249,19 @@ async def _augment(srv: EnclaveServer, conn: Connection, req: dict) -> dict:
 
 
 def _edmm(method: str, *extra: str) -> Handler:
-    """An EDMM ioctl, page by page (the model runs the series' direct reclaim before
-    each page), so other tasks run between pages."""
+    """An EDMM ioctl, page by page so other tasks run between pages; before each page
+    the series' direct reclaim, run here as timed rounds."""
 
     async def handler(srv: EnclaveServer, conn: Connection, req: dict) -> dict:
         encl = _enclave(conn)
         first, count = int(req["offset"]), int(req["count"])
         args = [SgxPageType(int(req[name])) for name in extra]
         srv.sgx.check_edmm(encl, first, count)
+        operation = functools.partial(getattr(srv.sgx, method), direct_reclaim=False)
         for c in range(count):
+            await srv.reclaim_direct(conn)
             try:
-                await srv.until_done(conn, getattr(srv.sgx, method), encl, conn.pid,
-                                     first + c, 1, *args)
+                await srv.until_done(conn, operation, encl, conn.pid, first + c, 1, *args)
             except KernelError as e:
                 return {"errno": e.errno, "count": c}
         return {"ok": True, "count": count}

@@ -62,10 +62,7 @@ class Reclaimers:
     async def work_item(self, css: MiscCss) -> None:
         """sgx_cgroup_reclaim_work_func: rounds while the cgroup is near its limit."""
         try:
-            while css in self.sgx.async_work:
-                if not self.sgx.should_reclaim(css):
-                    del self.sgx.async_work[css]
-                    break
+            while self.sgx.work_pending(css):
                 await self.round(css, SGX_NR_TO_SCAN)
         finally:
             self.running.discard(css)

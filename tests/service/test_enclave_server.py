@@ -176,3 +176,30 @@ async def test_unknown_op_and_junk_get_einval(tmp_path, autojump):
         assert (await call(sock, "init"))["errno"] == errno.EINVAL  # nothing created
         sock.close()
         nursery.cancel_scope.cancel()
+
+
+async def test_edmm_runs_direct_reclaim_first(tmp_path, autojump):
+    """Each page of an EDMM ioctl is preceded by sgx_reclaim_direct: a cgroup at its
+    limit gets pages written back before the trim, though nothing needed a new page."""
+    capacity = 4 * MIB
+    rig = Rig(str(tmp_path / "s"), capacity, scale=1.0)
+    cg = rig.h.mkdir(rig.h.root, "edmm")
+    rig.h.write_subtree_control(rig.h.root, "+misc")
+    limit_pages = 256
+    cg.misc.res["sgx_epc"].max = limit_pages * PAGE_SIZE
+    rig.h.move(os.getpid(), cg)
+    async with trio.open_nursery() as nursery:
+        await rig.start(nursery)
+        sock = await rig.connect()
+        await call(sock, "create", size=2 * capacity)
+        await call(sock, "add", offset=0, count=limit_pages - 2, measured=False, tcs=False)
+        await call(sock, "init")
+        written = rig.sgx.encls["EWB"]
+        reply = await call(sock, "modify_types", offset=0, count=4, page_type=4)  # TRIM
+        assert reply == {"ok": True, "count": 4}
+        assert rig.sgx.encls["EWB"] > written
+        rig.sgx.check_invariants()
+        sock.close()
+        await trio.sleep(0.01)
+        assert cg.misc.res["sgx_epc"].usage == 0
+        nursery.cancel_scope.cancel()
