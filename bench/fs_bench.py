@@ -10,9 +10,12 @@ for epcfs's misc.current and misc.capacity, the kernel's own cgroup2 file
 (/sys/fs/cgroup/unified/cgroup.controllers, when that hierarchy exists) and a tmpfs file,
 so the epcfs figures can be read against the machine they ran on.
 
-    sudo .venv/bin/python bench/fs_bench.py [--seconds 3] [--readers 4] [--mountpoint DIR]
+    sudo .venv/bin/python bench/fs_bench.py [--seconds 3] [--readers 4]
+                                            [--file-size MODE | --mountpoint DIR]
 
-Without --mountpoint it mounts a fresh epcfs on a temporary directory and unmounts it after.
+Without --mountpoint it mounts a fresh epcfs (with `--file-size MODE`, default auto) on a
+temporary directory and unmounts it after. `content` costs a lookup per open: the kernel
+may not cache sized files' names.
 """
 
 from __future__ import annotations
@@ -101,10 +104,11 @@ def _fstype(path: str) -> str:
     return kind
 
 
-def mount_epcfs() -> tuple[str, callable]:
+def mount_epcfs(file_size: str) -> tuple[str, callable]:
     mp_dir = tempfile.mkdtemp(prefix="epcfs-bench-")
     log = open(os.path.join(mp_dir + ".log"), "wb")  # noqa: SIM115
-    daemon = subprocess.Popen([sys.executable, "-m", "epcfs.cli", "mount", "-f", mp_dir],
+    daemon = subprocess.Popen([sys.executable, "-m", "epcfs.cli", "mount", "-f", mp_dir,
+                               "--file-size", file_size],
                               cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 15
     while not os.path.exists(os.path.join(mp_dir, "misc.capacity")):
@@ -131,13 +135,15 @@ def main() -> int:
     p.add_argument("--seconds", type=float, default=3.0, help="per measurement (default 3)")
     p.add_argument("--readers", type=int, default=4, help="concurrent readers (default 4)")
     p.add_argument("--mountpoint", help="an epcfs already mounted there")
+    p.add_argument("--file-size", choices=("auto", "zero", "content"), default="auto",
+                   help="the mount's --file-size (default auto)")
     args = p.parse_args()
 
     cleanups = []
     if args.mountpoint:
         mnt = args.mountpoint
     else:
-        mnt, stop = mount_epcfs()
+        mnt, stop = mount_epcfs(args.file_size)
         cleanups.append(stop)
     tmp, rm = tmpfs_file()
     cleanups.append(rm)

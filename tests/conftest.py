@@ -7,8 +7,10 @@ daemon did not leave by itself. A test that leaves a FUSE mount behind is a bug.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -23,6 +25,33 @@ READY_TIMEOUT = 15.0
 """Seconds a daemon may take to answer on a loaded two-core CI machine."""
 
 
+class ReadyNotice:
+    """A NOTIFY_SOCKET for one daemon, as systemd gives it: `env` carries it; `ready()`
+    polls for READY=1. The daemon may still be settling how it serves until then
+    (--file-size auto), so tests that race it wait for this, not for a file to exist."""
+
+    def __init__(self, env: dict[str, str] | None = None) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        name = f"epcfs-test-{os.getpid()}-{id(self)}"
+        self.sock.bind("\0" + name)
+        self.sock.setblocking(False)
+        self.env = dict(os.environ if env is None else env, NOTIFY_SOCKET="@" + name)
+        self.seen = False
+
+    def ready(self) -> bool:
+        with contextlib.suppress(BlockingIOError):
+            self.seen = self.seen or b"READY=1" in self.sock.recv(4096)
+        return self.seen
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def ready_notice() -> type[ReadyNotice]:
+    return ReadyNotice
+
+
 def is_mounted(path: Path) -> bool:
     target = os.fsencode(os.path.realpath(path))
     with open("/proc/self/mountinfo", "rb") as f:
@@ -30,12 +59,17 @@ def is_mounted(path: Path) -> bool:
 
 
 class Daemon:
-    """One `epcfs mount -f` subprocess and its mountpoint."""
+    """One `epcfs mount -f` subprocess and its mountpoint, ready as systemd would see it:
+    READY=1 on NOTIFY_SOCKET (the daemon may still be settling how it serves before then,
+    e.g. --file-size auto). With an explicit `env`, readiness is misc.capacity existing."""
 
     def __init__(self, mountpoint: Path, *args: str, env: dict[str, str] | None = None):
         self.path = mountpoint
         self.log = mountpoint.parent / f"{mountpoint.name}.log"
         self._log = open(self.log, "wb")  # noqa: SIM115 (closed in stop())
+        notify = ReadyNotice() if env is None else None
+        if notify:
+            env = notify.env
         self.proc = subprocess.Popen(
             [*EPCFS, "mount", "-f", str(mountpoint), *args],
             stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=REPO,
@@ -43,11 +77,15 @@ class Daemon:
         deadline = time.monotonic() + READY_TIMEOUT
         v1 = "--cgroup-version" in args and args[args.index("--cgroup-version") + 1] == "1"
         probe = mountpoint / "misc" / "misc.capacity" if v1 else mountpoint / "misc.capacity"
-        while not probe.exists():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"epcfs did not come up:\n{self.log.read_text()}")
-            time.sleep(0.02)
+        try:
+            while not (notify.ready() if notify else probe.exists()):
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError(f"epcfs did not come up:\n{self.log.read_text()}")
+                time.sleep(0.02)
+        finally:
+            if notify:
+                notify.close()
 
     def stop(self) -> int | None:
         """SIGTERM and wait; anything left is forced away. Returns the exit status."""

@@ -94,8 +94,9 @@ def wait_stale(path: Path) -> None:
 
 
 class Daemons:
-    def __init__(self, tmp_path: Path) -> None:
+    def __init__(self, tmp_path: Path, ready_notice) -> None:
         self.tmp = tmp_path
+        self.ready_notice = ready_notice
         self.paths: list[Path] = []
         self.procs: list[subprocess.Popen] = []
 
@@ -107,15 +108,21 @@ class Daemons:
 
     def foreground(self, path: Path, *args: str, env: dict[str, str] | None = None,
                    wait: bool = True) -> subprocess.Popen:
-        """`epcfs mount -f PATH ARGS` in a subprocess; by default, wait until it serves."""
+        """`epcfs mount -f PATH ARGS` in a subprocess; by default, wait until it serves
+        and has said READY=1 (then it is done settling, as systemd would see it)."""
+        notice = self.ready_notice(env) if wait else None
         log = open(self.tmp / f"{path.name}.{len(self.procs)}.log", "wb")  # noqa: SIM115
         proc = subprocess.Popen([*EPCFS, "mount", "-f", str(path), *args], stdin=subprocess.DEVNULL,
-                                stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+                                stdout=log, stderr=subprocess.STDOUT,
+                                env=notice.env if notice else env, cwd=REPO)
         log.close()
         self.procs.append(proc)
-        if wait:
-            wait_until(lambda: proc.poll() is not None or self.serving(path),
-                       f"epcfs serves {path}")
+        if notice:
+            try:
+                wait_until(lambda: proc.poll() is not None
+                           or (self.serving(path) and notice.ready()), f"epcfs serves {path}")
+            finally:
+                notice.close()
             assert proc.poll() is None, f"epcfs exited with {proc.returncode}"
         return proc
 
@@ -165,8 +172,8 @@ def _kill(pid: int, sig: int) -> None:
 
 
 @pytest.fixture
-def daemons(tmp_path: Path) -> Iterator[Daemons]:
-    d = Daemons(tmp_path)
+def daemons(tmp_path: Path, ready_notice) -> Iterator[Daemons]:
+    d = Daemons(tmp_path, ready_notice)
     try:
         yield d
     finally:

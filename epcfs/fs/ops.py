@@ -3,7 +3,8 @@
 Nothing here knows any single file: a directory is a cgroup, a file is a (cgroup, CfType)
 pair, and its contents are whatever the row's show() renders. Like seq_file, a read at
 offset 0 renders afresh into a per-handle buffer and later offsets continue from it, so
-chunked reads are consistent; files are direct_io (they report size 0, as kernfs does).
+chunked reads are consistent; files are direct_io and report size 0, as kernfs does, except
+where the kernel's FUSE needs a size to splice them (`sized_files`).
 
 Attributes and entries are cached by the kernel (ENTRY_TIMEOUT): every change that makes
 a name disappear behind the kernel's back (a controller disabled on the parent) is
@@ -52,6 +53,11 @@ read-only once the hierarchies are mounted in it; creating anything there is ERO
 
 ENTRY_TIMEOUT = 60.0
 """Seconds the kernel may cache names and attributes; our changes are invalidated."""
+
+SIZED_FILE_TIMEOUT = 0.0
+"""With sized files, a file's name is not cached: every open looks the file up again, so
+the size splice stops at is never older than the open (a reply trims it to the contents).
+Attributes stay cached: a lookup refreshes them anyway, and fstat need not ask."""
 
 ROOT_DIR_MODE = stat.S_IFDIR | 0o555
 """kernfs makes the cgroup2 root r-x for everyone; mkdir'd cgroups take mkdir's mode."""
@@ -132,6 +138,15 @@ class CgroupFs(pyfuse3.Operations):
     """The filesystem. `ctx` carries the model the rows read and write."""
 
     enable_writeback_cache = False
+
+    sized_files = False
+    """Report a readable file's length, rounded up past it to a page, instead of 0.
+    Kernels with FUSE commit 2cb1e08985e3 but not its fix ("fuse: use copy_splice_read()
+    for FOPEN_DIRECT_IO") serve splice and sendfile of direct-I/O files from the page
+    cache, which ends at i_size: busybox cat would print nothing. A size one byte or more
+    past the content lets the read come back short, and FUSE then trims i_size to the
+    content (fuse_short_read), so splice ends exactly where read() does; the rounding
+    keeps sizes sysfs-like (4096) so tail's and readers' size hints still hold."""
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -240,7 +255,7 @@ class CgroupFs(pyfuse3.Operations):
                     return cft if self._has(cg, cft) else None
         return None
 
-    def _attr(self, node: Node) -> pyfuse3.EntryAttributes:
+    def _attr(self, node: Node, caller: Caller) -> pyfuse3.EntryAttributes:
         attr = pyfuse3.EntryAttributes()
         attr.st_ino = node.inode
         attr.st_mode = node.mode
@@ -255,12 +270,37 @@ class CgroupFs(pyfuse3.Operations):
         attr.st_ctime_ns = node.ctime_ns
         attr.entry_timeout = ENTRY_TIMEOUT
         attr.attr_timeout = ENTRY_TIMEOUT
+        if self.sized_files and node.cftype is not None:
+            attr.st_size = self._size(node, caller)
+            attr.entry_timeout = SIZED_FILE_TIMEOUT
         return attr
 
-    def _entry(self, node: Node) -> pyfuse3.EntryAttributes:
+    def _size(self, node: Node, caller: Caller) -> int:
+        """`sized_files`: what `caller` would read now, plus at least a byte, in pages."""
+        cft = node.cftype
+        if not cft.readable or not node.alive or node.cgroup.dying:
+            return 0
+        try:
+            text = cft.render(self._ctx(node.cgroup), node.cgroup, caller)
+        except KernelError:  # the read will say why; the name is still there
+            return 0
+        return (len(text.encode()) // PAGE_SIZE + 1) * PAGE_SIZE
+
+    def _entry(self, node: Node, caller: Caller) -> pyfuse3.EntryAttributes:
         """An attr that hands the kernel a reference (lookup, mkdir, readdirplus)."""
         node.lookups += 1
-        return self._attr(node)
+        return self._attr(node, caller)
+
+    async def size_files(self) -> None:
+        """Switch to `sized_files` while serving: names the kernel has cached with size 0
+        are dropped, so their next open looks them up afresh."""
+        self.sized_files = True
+        cached = [(self.by_key[(node.cgroup, None)].inode, node.name)
+                  for node in self.nodes.values()
+                  if node.cftype is not None and node.alive and node.lookups > 0
+                  and (node.cgroup, None) in self.by_key]
+        if cached:
+            await trio.to_thread.run_sync(_invalidate, cached)
 
     # -- permissions ---------------------------------------------------------------
 
@@ -279,23 +319,24 @@ class CgroupFs(pyfuse3.Operations):
 
     # -- lookup and attributes -----------------------------------------------------
 
-    async def lookup(self, parent_inode, name, ctx=None):
+    async def lookup(self, parent_inode, name, ctx):
         parent = self._live(parent_inode)
         cg = parent.cgroup
+        caller = Caller(ctx.pid, ctx.uid, ctx.gid)
         if parent.cftype is not None:
             raise pyfuse3.FUSEError(errno.ENOTDIR)
         if name == b".":
-            return self._entry(parent)
+            return self._entry(parent, caller)
         if name == b"..":
-            return self._entry(self._node(self._parent_dir(cg), None))
+            return self._entry(self._node(self._parent_dir(cg), None), caller)
         text = os.fsdecode(name)
         child = cg.children.get(text)
         if child is not None:
-            return self._entry(self._node(child, None))
+            return self._entry(self._node(child, None), caller)
         cft = self._file(cg, text)
         if cft is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
-        return self._entry(self._node(cg, cft))
+        return self._entry(self._node(cg, cft), caller)
 
     async def forget(self, inode_list):
         for inode, count in inode_list:
@@ -306,8 +347,8 @@ class CgroupFs(pyfuse3.Operations):
             if node.lookups <= 0 and not node.alive:
                 del self.nodes[inode]
 
-    async def getattr(self, inode, ctx=None):
-        return self._attr(self._get(inode))
+    async def getattr(self, inode, ctx):
+        return self._attr(self._get(inode), Caller(ctx.pid, ctx.uid, ctx.gid))
 
     async def setattr(self, inode, attr, fields, fh, ctx):
         """chmod, chown and utimes are kept (delegation); truncation is accepted and
@@ -334,7 +375,7 @@ class CgroupFs(pyfuse3.Operations):
             node.ctime_ns = attr.st_ctime_ns
         elif changed:
             node.ctime_ns = now
-        return self._attr(node)
+        return self._attr(node, Caller(ctx.pid, ctx.uid, ctx.gid))
 
     async def statfs(self, ctx):
         """What cgroup2's statfs reports, less f_type (FUSE always answers its own
@@ -359,7 +400,7 @@ class CgroupFs(pyfuse3.Operations):
             self.owners[(cg, None)] = owner
         node = self._node(cg, None)
         node.mode = stat.S_IFDIR | (mode & 0o7777)
-        return self._entry(node)
+        return self._entry(node, Caller(ctx.pid, ctx.uid, ctx.gid))
 
     async def rmdir(self, parent_inode, name, ctx):
         parent = self._live(parent_inode)
@@ -377,21 +418,26 @@ class CgroupFs(pyfuse3.Operations):
         self.owners.pop((cg, None), None)
 
     async def opendir(self, inode, ctx):
+        """The handle keeps the opener: readdirplus attributes are theirs (sized files)."""
         node = self._get(inode)
         if node.cftype is not None:
             raise pyfuse3.FUSEError(errno.ENOTDIR)
-        return inode
+        fh = self.next_fh
+        self.next_fh += 1
+        self.handles[fh] = Handle(node, Caller(ctx.pid, ctx.uid, ctx.gid))
+        return fh
 
     async def readdir(self, fh, start_id, token):
         """`.` and `..`, then children and files in kernfs order (by name hash, which is
         also the resume offset, so entries appearing or going mid-listing are safe)."""
-        node = self._get(fh)
+        handle = self.handles[fh]
+        node, caller = handle.node, handle.caller
         cg = node.cgroup
-        if start_id < 1 and not pyfuse3.readdir_reply(token, b".", self._attr(node), 1):
+        if start_id < 1 and not pyfuse3.readdir_reply(token, b".", self._attr(node, caller), 1):
             return
         if start_id < 2:
             parent = self._node(self._parent_dir(cg), None) if node.alive else node
-            if not pyfuse3.readdir_reply(token, b"..", self._attr(parent), 2):
+            if not pyfuse3.readdir_reply(token, b"..", self._attr(parent, caller), 2):
                 return
         if not node.alive:
             return
@@ -401,12 +447,13 @@ class CgroupFs(pyfuse3.Operations):
         for entry in entries:
             if entry.hash + 1 <= start_id:
                 continue
-            if not pyfuse3.readdir_reply(token, entry.name, self._attr(entry), entry.hash + 1):
+            if not pyfuse3.readdir_reply(token, entry.name, self._attr(entry, caller),
+                                         entry.hash + 1):
                 break
             entry.lookups += 1
 
     async def releasedir(self, fh):
-        pass
+        self.handles.pop(fh, None)
 
     # -- names that cannot be made ----------------------------------------------------
 

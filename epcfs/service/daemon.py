@@ -27,6 +27,9 @@ log = logging.getLogger("epcfs")
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 """Each of these unmounts cleanly and exits 0."""
 
+FILE_SIZES = ("auto", "zero", "content")
+"""--file-size choices; see MountConfig.file_size."""
+
 DEFAULT_CAPACITY = 128 << 20
 """128 MiB of EPC: what many SGX1 client parts shipped with, and quick to simulate."""
 
@@ -45,6 +48,9 @@ class MountConfig:
     """The root's cgroup.subtree_control at mount: a booted host's init system has
     enabled controllers there, and libcgroup (cgcreate) relies on it: it enables a
     controller in the cgroups it creates, never in the root."""
+    file_size: str = "auto"
+    """What st_size interface files report: "zero" as kernfs does; "content" (see
+    CgroupFs.sized_files); "auto": "content" only if this kernel's FUSE splice needs it."""
     cgroup_version: int = 2
     """2: one cgroup2 hierarchy at the mountpoint. 1: the v1 layout, a read-only
     directory holding two hierarchies, `misc` and `memory` (root_controllers unused)."""
@@ -81,6 +87,11 @@ def add_mount_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cgroup-version", type=int, choices=(1, 2), default=None,
                    help="2 (default): a cgroup2 hierarchy; 1: the cgroup v1 layout, separate "
                         "misc and memory hierarchies in MOUNTPOINT/misc and MOUNTPOINT/memory")
+    p.add_argument("--file-size", choices=FILE_SIZES, default=None,
+                   help="st_size of interface files: zero, as cgroupfs; content, the length "
+                        "rounded up to a page, which kernels lacking the FUSE fix \"use "
+                        "copy_splice_read() for FOPEN_DIRECT_IO\" need for sendfile readers "
+                        "such as busybox cat; auto (default): content only on such a kernel")
     p.add_argument("--enclave-socket", metavar="PATH", default=None,
                    help="where the simulated /dev/sgx_enclave listens (default: "
                         "/run/epcfs/<mountpoint>.sock; clients use $EPCFS_SOCKET or that)")
@@ -125,6 +136,7 @@ def config_from_args(args: argparse.Namespace, mountpoint: str) -> MountConfig:
                           if getattr(args, "root_controllers", None) is None
                           else args.root_controllers),
         cgroup_version=getattr(args, "cgroup_version", None) or 2,
+        file_size=getattr(args, "file_size", None) or MountConfig.file_size,
         foreground=getattr(args, "foreground", False) or getattr(args, "debug", False),
         debug=getattr(args, "debug", False),
     )
@@ -254,6 +266,7 @@ def serve(cfg: MountConfig, ready) -> int:
     else:
         tracker = ProcessTracker(hierarchy)
         fs = CgroupFs(Context(hierarchy, tracker))
+    fs.sized_files = cfg.file_size == "content"
     steps = Stepper(sgx, tracker, cfg.time_scale)
     reclaimers = Reclaimers(sgx, steps)
     server = EnclaveServer(sgx, tracker, sections, steps, reclaimers)
@@ -270,7 +283,8 @@ def serve(cfg: MountConfig, ready) -> int:
             nursery.start_soon(tracker.run)
             nursery.start_soon(reclaimers.run)
             await nursery.start(server.serve, socket_path)
-            nursery.start_soon(_announce_ready, capacity_file(cfg), ready)
+            nursery.start_soon(_announce_ready, capacity_file(cfg), ready,
+                               fs if cfg.file_size == "auto" else None)
             await fuse_loop.main()
             nursery.cancel_scope.cancel()
 
@@ -302,8 +316,37 @@ def capacity_file(cfg: MountConfig) -> str:
     return os.path.join(misc_root, "misc.capacity")
 
 
-async def _announce_ready(path: str, ready) -> None:
+async def _announce_ready(path: str, ready, autosize) -> None:
+    """Once `path` answers: with --file-size auto (`autosize`, the CgroupFs), size files
+    if this kernel needs it, before anyone else reads them; then report ready."""
     import trio
 
-    await trio.to_thread.run_sync(os.stat, path)
+    try:
+        await trio.to_thread.run_sync(os.stat, path)
+        sized = autosize is not None and await trio.to_thread.run_sync(
+            splice_stops_at_size, path)
+    except OSError as e:  # unmounted at once (fusermount3 -u): the FUSE loop ends too
+        log.info("the mount went away before it was ready: %s", e)
+        return
+    if sized:
+        log.info("this kernel's FUSE splices direct-I/O files only up to their size: "
+                 "reporting file sizes (--file-size content)")
+        await autosize.size_files()
     ready()
+
+
+def splice_stops_at_size(path: str) -> bool:
+    """Whether splice (what sendfile uses) of the non-empty, size-0 file `path` comes back
+    empty although read() does not: FUSE serving it from the page cache up to i_size."""
+    with open(path, "rb", buffering=0) as f:
+        expected = f.read()
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    r, w = os.pipe2(os.O_CLOEXEC)
+    try:
+        spliced = os.splice(fd, w, max(len(expected), 1))
+    except OSError:
+        return False  # no splice here: sendfile users fall back to read()
+    finally:
+        for f in (fd, r, w):
+            os.close(f)
+    return spliced == 0 and bool(expected)

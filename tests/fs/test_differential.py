@@ -22,6 +22,8 @@ What is comparable, and how:
 - Not compared: the files only one side has (cpu.*, *.pressure, memory.*, misc.*),
   cgroup.stat's per-controller lines, dying-descendant counts right after rmdir (the
   kernel frees them after an RCU grace period), timestamps, inode numbers.
+- epcfs runs with `--file-size zero`, cgroupfs's sizes; `auto` may report sizes on a
+  kernel whose FUSE splice needs them (tests/fs/test_sizes.py).
 """
 
 from __future__ import annotations
@@ -171,7 +173,7 @@ def test_same_session_same_results(mount_epcfs):
     if controller is None:
         pytest.skip(f"no writable cgroup2 hierarchy with a controller at {REAL}")
     kernel = Side(REAL, controller)
-    epcfs = Side(mount_epcfs("--root-controllers", "").path, "misc")
+    epcfs = Side(mount_epcfs("--root-controllers", "", "--file-size", "zero").path, "misc")
     try:
         kernel.setup()
         epcfs.setup()
