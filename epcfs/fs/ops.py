@@ -295,10 +295,11 @@ class CgroupFs(pyfuse3.Operations):
         """Switch to `sized_files` while serving: names the kernel has cached with size 0
         are dropped, so their next open looks them up afresh."""
         self.sized_files = True
-        cached = [(self.by_key[(node.cgroup, None)].inode, node.name)
-                  for node in self.nodes.values()
-                  if node.cftype is not None and node.alive and node.lookups > 0
-                  and (node.cgroup, None) in self.by_key]
+        cached = []
+        for node in self.nodes.values():
+            parent = self.by_key.get((node.cgroup, None))
+            if node.cftype is not None and node.alive and node.lookups > 0 and parent:
+                cached.append((parent.inode, node.name))
         if cached:
             await trio.to_thread.run_sync(_invalidate, cached)
 
@@ -322,7 +323,7 @@ class CgroupFs(pyfuse3.Operations):
     async def lookup(self, parent_inode, name, ctx):
         parent = self._live(parent_inode)
         cg = parent.cgroup
-        caller = Caller(ctx.pid, ctx.uid, ctx.gid)
+        caller = _caller(ctx)
         if parent.cftype is not None:
             raise pyfuse3.FUSEError(errno.ENOTDIR)
         if name == b".":
@@ -348,7 +349,7 @@ class CgroupFs(pyfuse3.Operations):
                 del self.nodes[inode]
 
     async def getattr(self, inode, ctx):
-        return self._attr(self._get(inode), Caller(ctx.pid, ctx.uid, ctx.gid))
+        return self._attr(self._get(inode), _caller(ctx))
 
     async def setattr(self, inode, attr, fields, fh, ctx):
         """chmod, chown and utimes are kept (delegation); truncation is accepted and
@@ -375,7 +376,7 @@ class CgroupFs(pyfuse3.Operations):
             node.ctime_ns = attr.st_ctime_ns
         elif changed:
             node.ctime_ns = now
-        return self._attr(node, Caller(ctx.pid, ctx.uid, ctx.gid))
+        return self._attr(node, _caller(ctx))
 
     async def statfs(self, ctx):
         """What cgroup2's statfs reports, less f_type (FUSE always answers its own
@@ -400,7 +401,7 @@ class CgroupFs(pyfuse3.Operations):
             self.owners[(cg, None)] = owner
         node = self._node(cg, None)
         node.mode = stat.S_IFDIR | (mode & 0o7777)
-        return self._entry(node, Caller(ctx.pid, ctx.uid, ctx.gid))
+        return self._entry(node, _caller(ctx))
 
     async def rmdir(self, parent_inode, name, ctx):
         parent = self._live(parent_inode)
@@ -422,10 +423,7 @@ class CgroupFs(pyfuse3.Operations):
         node = self._get(inode)
         if node.cftype is not None:
             raise pyfuse3.FUSEError(errno.ENOTDIR)
-        fh = self.next_fh
-        self.next_fh += 1
-        self.handles[fh] = Handle(node, Caller(ctx.pid, ctx.uid, ctx.gid))
-        return fh
+        return self._handle(node, ctx)
 
     async def readdir(self, fh, start_id, token):
         """`.` and `..`, then children and files in kernfs order (by name hash, which is
@@ -488,10 +486,15 @@ class CgroupFs(pyfuse3.Operations):
         node = self._live(inode)
         if node.cftype is None:
             raise pyfuse3.FUSEError(errno.EISDIR)
+        return pyfuse3.FileInfo(fh=self._handle(node, ctx), direct_io=True, keep_cache=False,
+                                nonseekable=False)
+
+    def _handle(self, node: Node, ctx) -> int:
+        """A new open file or directory, remembering who opened it."""
         fh = self.next_fh
         self.next_fh += 1
-        self.handles[fh] = Handle(node, Caller(ctx.pid, ctx.uid, ctx.gid))
-        return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False, nonseekable=False)
+        self.handles[fh] = Handle(node, _caller(ctx))
+        return fh
 
     def _active(self, fh: int) -> Handle:
         """kernfs_get_active: the file (and its cgroup) must still exist, else ENODEV."""
@@ -548,6 +551,11 @@ class CgroupFs(pyfuse3.Operations):
                             gone.append((parent.inode, node.name))
         if gone:
             await trio.to_thread.run_sync(_invalidate, gone)
+
+
+def _caller(ctx: pyfuse3.RequestContext) -> Caller:
+    """Who asks: what the rows render for (pid namespace) and permission checks use."""
+    return Caller(ctx.pid, ctx.uid, ctx.gid)
 
 
 def _invalidate(entries: list[tuple[int, bytes]]) -> None:
