@@ -64,6 +64,11 @@ ROOT_DIR_MODE = stat.S_IFDIR | 0o555
 
 NO_OWNER = (0, 0)
 
+SETATTR_FIELDS = (("update_uid", "uid"), ("update_gid", "gid"),
+                  ("update_atime", "atime_ns"), ("update_mtime", "mtime_ns"))
+"""setattr fields kept as given (pyfuse3's flag, the Node's and st_ attribute's name);
+each changes ctime, as kernfs's setattr does."""
+
 
 def kernfs_name_hash(name: bytes) -> int:
     """fs/kernfs/dir.c's kernfs_name_hash (ns NULL): directory listing order and offset."""
@@ -355,27 +360,17 @@ class CgroupFs(pyfuse3.Operations):
         """chmod, chown and utimes are kept (delegation); truncation is accepted and
         changes nothing (`echo x > file` truncates first), as kernfs does."""
         node = self._get(inode)
-        now = time.time_ns()
-        changed = False
+        changed = fields.update_mode
         if fields.update_mode:
             node.mode = stat.S_IFMT(node.mode) | stat.S_IMODE(attr.st_mode)
-            changed = True
-        if fields.update_uid:
-            node.uid = attr.st_uid
-            changed = True
-        if fields.update_gid:
-            node.gid = attr.st_gid
-            changed = True
-        if fields.update_atime:
-            node.atime_ns = attr.st_atime_ns
-            changed = True
-        if fields.update_mtime:
-            node.mtime_ns = attr.st_mtime_ns
-            changed = True
+        for flag, name in SETATTR_FIELDS:
+            if getattr(fields, flag):
+                setattr(node, name, getattr(attr, "st_" + name))
+                changed = True
         if fields.update_ctime:
             node.ctime_ns = attr.st_ctime_ns
         elif changed:
-            node.ctime_ns = now
+            node.ctime_ns = time.time_ns()
         return self._attr(node, _caller(ctx))
 
     async def statfs(self, ctx):

@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import errno
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from enum import Enum
 
 from .bulk import BulkLoader
@@ -402,23 +402,35 @@ class Sgx(Reclaimer, BulkLoader, Invariants):
         if count < 1 or first < 0 or first + count > encl.size_pages:
             raise KernelError(errno.EINVAL, "range outside the enclave")
 
-    def _edmm_load(self, encl: Enclave, pid: int, i: int, pref: list[int],
-                   direct_reclaim: bool) -> Run:
-        """Per page of an EDMM ioctl: direct reclaim, then sgx_encl_load_page (ELDU on the
-        no-reclaim path). EBUSY becomes EAGAIN, any other failure EFAULT."""
-        if direct_reclaim:
-            self.reclaim_direct(pid)
-        run = encl.pages.get(i)
-        if run is None:
-            raise KernelError(errno.EFAULT, f"no page {i}")
-        if run.state is RunState.EVICTED:
+    def _edmm_each(self, encl: Enclave, pid: int, first: int, count: int,
+                   node: int | None, direct_reclaim: bool,
+                   page: Callable[[int, Run], None]) -> int:
+        """The loop of every EDMM ioctl: check the range, then per page direct reclaim,
+        sgx_encl_load_page (ELDU on the no-reclaim path; EBUSY becomes EAGAIN, any other
+        failure EFAULT) and `page(i, run)`. A failure carries the pages done as `count`,
+        which the ioctls report back; success returns `count`."""
+        self.check_edmm(encl, first, count)
+        pref = self.epc.preference(node)
+        for c in range(count):
+            i = first + c
             try:
-                self._eldu(encl, pid, i, pref, young=False)
+                if direct_reclaim:
+                    self.reclaim_direct(pid)
+                run = encl.pages.get(i)
+                if run is None:
+                    raise KernelError(errno.EFAULT, f"no page {i}")
+                if run.state is RunState.EVICTED:
+                    try:
+                        self._eldu(encl, pid, i, pref, young=False)
+                    except KernelError as e:
+                        err = errno.EAGAIN if e.errno == errno.EBUSY else errno.EFAULT
+                        raise KernelError(err, f"cannot load page {i}: {e.why}") from e
+                    run = encl.pages.get(i)
+                page(i, run)
             except KernelError as e:
-                err = errno.EAGAIN if e.errno == errno.EBUSY else errno.EFAULT
-                raise KernelError(err, f"cannot load page {i}: {e.why}") from e
-            run = encl.pages.get(i)
-        return run
+                e.count = c
+                raise
+        return count
 
     def _set_page(self, encl: Enclave, i: int, **attrs) -> None:
         pages = encl.pages
@@ -437,19 +449,14 @@ class Sgx(Reclaimer, BulkLoader, Invariants):
 
         Like every EDMM ioctl it runs sgx_reclaim_direct before each page; a caller that
         runs reclaim_direct(pid) itself as a separate step passes direct_reclaim=False."""
-        self.check_edmm(encl, first, count)
-        pref = self.epc.preference(node)
-        for c in range(count):
-            try:
-                run = self._edmm_load(encl, pid, first + c, pref, direct_reclaim)
-                if run.ptype != SgxPageType.REG:
-                    raise KernelError(errno.EINVAL, f"page {first + c} is {run.ptype.name}")
-            except KernelError as e:
-                e.count = c
-                raise
+
+        def page(i: int, run: Run) -> None:
+            if run.ptype != SgxPageType.REG:
+                raise KernelError(errno.EINVAL, f"page {i} is {run.ptype.name}")
             self.encls["EMODPR"] += 1
             self.encls["ETRACK"] += 1
-        return count
+
+        return self._edmm_each(encl, pid, first, count, node, direct_reclaim, page)
 
     def modify_types(self, encl: Enclave, pid: int, first: int, count: int,
                      page_type: SgxPageType, node: int | None = None, *,
@@ -464,26 +471,20 @@ class Sgx(Reclaimer, BulkLoader, Invariants):
         if page_type not in (SgxPageType.TCS, SgxPageType.TRIM):
             self._check_live(encl)
             raise KernelError(errno.EINVAL, f"cannot change pages to {page_type!r}")
-        self.check_edmm(encl, first, count)
-        pref = self.epc.preference(node)
-        for c in range(count):
-            i = first + c
-            try:
-                run = self._edmm_load(encl, pid, i, pref, direct_reclaim)
-                if not (run.ptype == SgxPageType.REG or
-                        (run.ptype == SgxPageType.TCS and page_type == SgxPageType.TRIM)):
-                    raise KernelError(errno.EINVAL, f"page {i} is {run.ptype.name}")
-                if run.ptype == SgxPageType.REG and page_type == SgxPageType.TCS:
-                    if run.state is not RunState.LRU:
-                        raise KernelError(errno.EAGAIN, f"page {i} is being reclaimed")
-                    self._requeue(encl, i)
-            except KernelError as e:
-                e.count = c
-                raise
+
+        def page(i: int, run: Run) -> None:
+            if not (run.ptype == SgxPageType.REG or
+                    (run.ptype == SgxPageType.TCS and page_type == SgxPageType.TRIM)):
+                raise KernelError(errno.EINVAL, f"page {i} is {run.ptype.name}")
+            if run.ptype == SgxPageType.REG and page_type == SgxPageType.TCS:
+                if run.state is not RunState.LRU:
+                    raise KernelError(errno.EAGAIN, f"page {i} is being reclaimed")
+                self._requeue(encl, i)
             self.encls["EMODT"] += 1
             self.encls["ETRACK"] += 1
             self._set_page(encl, i, ptype=page_type, accepted=False)
-        return count
+
+        return self._edmm_each(encl, pid, first, count, node, direct_reclaim, page)
 
     def _requeue(self, encl: Enclave, i: int) -> None:
         """Unmark then mark page i reclaimable again: it moves to its LRU's tail."""
@@ -517,22 +518,15 @@ class Sgx(Reclaimer, BulkLoader, Invariants):
         """SGX_IOC_ENCLAVE_REMOVE_PAGES: only TRIM pages the enclave has EACCEPTed
         (else EPERM: the kernel's EMODPR probe tells); a page the reclaimer holds gives
         EBUSY. Each page is EREMOVEd and freed; VA pages stay (page_cnt shrinks)."""
-        self.check_edmm(encl, first, count)
-        pref = self.epc.preference(node)
-        for c in range(count):
-            i = first + c
-            try:
-                run = self._edmm_load(encl, pid, i, pref, direct_reclaim)
-                if run.ptype != SgxPageType.TRIM:
-                    raise KernelError(errno.EPERM, f"page {i} is not trimmed")
-                self.encls["EMODPR"] += 1
-                if not run.accepted:
-                    raise KernelError(errno.EPERM, f"page {i} not accepted")
-                if run.state is not RunState.LRU:
-                    raise KernelError(errno.EBUSY, f"page {i} is being reclaimed")
-            except KernelError as e:
-                e.count = c
-                raise
+
+        def page(i: int, run: Run) -> None:
+            if run.ptype != SgxPageType.TRIM:
+                raise KernelError(errno.EPERM, f"page {i} is not trimmed")
+            self.encls["EMODPR"] += 1
+            if not run.accepted:
+                raise KernelError(errno.EPERM, f"page {i} not accepted")
+            if run.state is not RunState.LRU:
+                raise KernelError(errno.EBUSY, f"page {i} is being reclaimed")
             pages = encl.pages
             pages.cut(i)
             pages.cut(i + 1)
@@ -544,7 +538,8 @@ class Sgx(Reclaimer, BulkLoader, Invariants):
             encl.secs_child_cnt -= 1
             encl.nr_pages -= 1
             encl.page_cnt -= 1
-        return count
+
+        return self._edmm_each(encl, pid, first, count, node, direct_reclaim, page)
 
     # -- release -------------------------------------------------------------------------
 

@@ -293,16 +293,32 @@ def epcm_permissions(md: Metadata) -> None:
     no_exception(md, 968, run)
 
 
-def augment(md: Metadata) -> None:
+def _augment_start(md: Metadata, lines: tuple[int, int]) -> tuple[TestEnclave, Run, int]:
+    """The augment tests' start: SGX2, the default enclave, and room for one more page
+    past its contents, whose address is returned."""
     e = TestEnclave(md)
     if not e.sgx2_supported():
         md.skip("SGX2 not supported")
-    md.assert_true(990, SETUP_DEFAULT, e.setup(ENCL_HEAP_SIZE_DEFAULT))
-    run = Run(tcs=e.encl_base)
-    total_size = e.total_size
-    md.check(1006, "total_size + PAGE_SIZE", total_size + PAGE_SIZE, "<",
+    md.assert_true(lines[0], SETUP_DEFAULT, e.setup(ENCL_HEAP_SIZE_DEFAULT))
+    md.check(lines[1], "total_size + PAGE_SIZE", e.total_size + PAGE_SIZE, "<",
              "self->encl.encl_size", e.encl_size)
-    addr = e.encl_base + total_size
+    return e, Run(tcs=e.encl_base), e.encl_base + e.total_size
+
+
+def _eaccept_pending(md: Metadata, e: TestEnclave, run: Run, addr: int) -> Op:
+    """EACCEPT a page that is not there yet: the #PF makes the kernel EAUG it. A plain
+    not-present #PF back means no EAUG support: skipped, as the kernel test does."""
+    eaccept_op = Op("eaccept", addr=addr,
+                    flags=SECINFO_R | SECINFO_W | SECINFO_REG | SECINFO_PENDING)
+    e.call(eaccept_op, run)
+    if run.exception_vector == 14 and run.exception_error_code == 4 and \
+            run.exception_addr == addr:
+        md.skip(NO_EAUG)
+    return eaccept_op
+
+
+def augment(md: Metadata) -> None:
+    e, run, addr = _augment_start(md, (990, 1006))
 
     put_op = Op("put_addr", addr=addr, value=MAGIC)
     e.call(put_op, run)
@@ -314,7 +330,7 @@ def augment(md: Metadata) -> None:
     reset_exception(run)
 
     run.tcs = e.encl_base + PAGE_SIZE
-    eaccept_op = Op("eaccept", addr=e.encl_base + total_size,
+    eaccept_op = Op("eaccept", addr=addr,
                     flags=SECINFO_R | SECINFO_W | SECINFO_REG | SECINFO_PENDING)
     e.call(eaccept_op, run)
     accepted(md, 1066, run, eaccept_op)
@@ -330,22 +346,8 @@ def augment(md: Metadata) -> None:
 
 
 def augment_via_eaccept(md: Metadata) -> None:
-    e = TestEnclave(md)
-    if not e.sgx2_supported():
-        md.skip("SGX2 not supported")
-    md.assert_true(1120, SETUP_DEFAULT, e.setup(ENCL_HEAP_SIZE_DEFAULT))
-    run = Run(tcs=e.encl_base)
-    total_size = e.total_size
-    md.check(1136, "total_size + PAGE_SIZE", total_size + PAGE_SIZE, "<",
-             "self->encl.encl_size", e.encl_size)
-    addr = e.encl_base + total_size
-
-    eaccept_op = Op("eaccept", addr=addr,
-                    flags=SECINFO_R | SECINFO_W | SECINFO_REG | SECINFO_PENDING)
-    e.call(eaccept_op, run)
-    if run.exception_vector == 14 and run.exception_error_code == 4 and \
-            run.exception_addr == addr:
-        md.skip(NO_EAUG)
+    e, run, addr = _augment_start(md, (1120, 1136))
+    eaccept_op = _eaccept_pending(md, e, run, addr)
     accepted(md, 1174, run, eaccept_op)
     put_get_addr(md, e, run, addr, (1190, 1205, 1206))
 
@@ -363,12 +365,7 @@ def tcs_create(md: Metadata) -> None:
     ssa = e.encl_base + total_size + 2 * PAGE_SIZE
 
     # three pages by EACCEPT → #PF → EAUG: stack, SSA, the future TCS
-    eaccept_op = Op("eaccept", addr=stack_end,
-                    flags=SECINFO_R | SECINFO_W | SECINFO_REG | SECINFO_PENDING)
-    e.call(eaccept_op, run)
-    if run.exception_vector == 14 and run.exception_error_code == 4 and \
-            run.exception_addr == stack_end:
-        md.skip(NO_EAUG)
+    eaccept_op = _eaccept_pending(md, e, run, stack_end)
     accepted(md, 1323, run, eaccept_op)
     for addr, line in ((ssa, 1333), (tcs, 1343)):
         eaccept_op.addr = addr
