@@ -54,6 +54,8 @@ class MountConfig:
     cgroup_version: int = 2
     """2: one cgroup2 hierarchy at the mountpoint. 1: the v1 layout, a read-only
     directory holding two hierarchies, `misc` and `memory` (root_controllers unused)."""
+    trace: str | None = None
+    """Where to write a Chrome trace-event file of the run (trace.ChromeTrace)."""
     foreground: bool = False
     debug: bool = False
     fuse_debug: bool = False
@@ -95,6 +97,9 @@ def add_mount_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--enclave-socket", metavar="PATH", default=None,
                    help="where the simulated /dev/sgx_enclave listens (default: "
                         "/run/epcfs/<mountpoint>.sock; clients use $EPCFS_SOCKET or that)")
+    p.add_argument("--trace", metavar="FILE", default=None,
+                   help="write a Chrome trace-event file (ui.perfetto.dev, chrome://tracing) "
+                        "of EPC use, reclaim and failures per cgroup, as it happens")
 
 
 def parse_section(text: str) -> tuple[int, int]:
@@ -137,6 +142,7 @@ def config_from_args(args: argparse.Namespace, mountpoint: str) -> MountConfig:
                           else args.root_controllers),
         cgroup_version=getattr(args, "cgroup_version", None) or 2,
         file_size=getattr(args, "file_size", None) or MountConfig.file_size,
+        trace=os.path.abspath(args.trace) if getattr(args, "trace", None) else None,
         foreground=getattr(args, "foreground", False) or getattr(args, "debug", False),
         debug=getattr(args, "debug", False),
     )
@@ -243,7 +249,9 @@ def serve(cfg: MountConfig, ready) -> int:
     from ..protocol import default_socket
     from .enclave_server import EnclaveServer
     from .reclaimers import Reclaimers
+    from .registry import registered
     from .steps import Stepper
+    from .trace import ChromeTrace
 
     if cfg.cgroup_version == 1:
         hierarchy = Hierarchy(legacy="misc")
@@ -268,6 +276,12 @@ def serve(cfg: MountConfig, ready) -> int:
         fs = CgroupFs(Context(hierarchy, tracker))
     fs.sized_files = cfg.file_size == "content"
     steps = Stepper(sgx, tracker, cfg.time_scale)
+    if cfg.trace:
+        try:
+            steps.tracer = ChromeTrace(cfg.trace)
+        except OSError as e:
+            log.error("--trace %s: %s", cfg.trace, e.strerror)
+            return 1
     reclaimers = Reclaimers(sgx, steps)
     server = EnclaveServer(sgx, tracker, sections, steps, reclaimers)
     socket_path = cfg.enclave_socket or default_socket(cfg.mountpoint)
@@ -282,10 +296,12 @@ def serve(cfg: MountConfig, ready) -> int:
             nursery.start_soon(_signals, nursery)
             nursery.start_soon(tracker.run)
             nursery.start_soon(reclaimers.run)
+            nursery.start_soon(steps.tracer.run, sgx)
             await nursery.start(server.serve, socket_path)
             nursery.start_soon(_announce_ready, capacity_file(cfg), ready,
                                fs if cfg.file_size == "auto" else None)
-            await fuse_loop.main()
+            with registered(cfg.mountpoint, socket_path):
+                await fuse_loop.main()
             nursery.cancel_scope.cancel()
 
     async def _signals(nursery: trio.Nursery) -> None:
@@ -307,6 +323,7 @@ def serve(cfg: MountConfig, ready) -> int:
             signal.signal(signum, signal.SIG_IGN)
         pyfuse3.close(unmount=True)
         tracker.close()
+        steps.tracer.close()
     return status
 
 

@@ -111,6 +111,7 @@ class EnclaveServer:
                     if not data:
                         break
                     reply = await self.dispatch(conn, data)
+                    self.steps.tracer.replied(pid, reply)
                     await sock.send(encode(reply))
             except (Gone, BrokenPipeError, ConnectionResetError):
                 pass
@@ -149,7 +150,8 @@ class EnclaveServer:
         cgroup is looked up afresh, as each allocation charges `current`'s."""
         conn.check_alive()
         self.tracker.cgroup_of(conn.pid)
-        return await self.steps.run(fn, *args)
+        with self.steps.tracer.on_behalf(self.sgx.h.misc_of(conn.pid)):
+            return await self.steps.run(fn, *args)
 
     async def until_done(self, conn: Connection, fn: Callable, *args):
         """A step the kernel would retry inside the call until it goes through."""
@@ -165,8 +167,10 @@ class EnclaveServer:
         charges failed (an OOM victim is on its way out), a pause."""
         if isinstance(blocked, NeedReclaim):
             conn.check_alive()
-            done = await self.reclaimers.round(blocked.root, blocked.nr_to_scan,
-                                               blocked.charge_pid)
+            with self.steps.tracer.span("sync reclaim", conn.pid,
+                                        cgroup=blocked.root.cgroup.path):
+                done = await self.reclaimers.round(blocked.root, blocked.nr_to_scan,
+                                                   blocked.charge_pid)
             if done.freed or not done.failed:
                 return
         await trio.sleep(RETRY_TICK)
@@ -179,9 +183,11 @@ class EnclaveServer:
         conn.check_alive()
         css = self.sgx.h.misc_of(conn.pid)
         if self.sgx.should_reclaim(css):
-            await self.reclaimers.round(css, SGX_NR_TO_SCAN, conn.pid)
+            with self.steps.tracer.span("direct reclaim", conn.pid, cgroup=css.cgroup.path):
+                await self.reclaimers.round(css, SGX_NR_TO_SCAN, conn.pid)
         if self.sgx.should_reclaim_global(SGX_NR_LOW_PAGES):
-            await self.reclaimers.round(self.sgx.h.root.misc, SGX_NR_TO_SCAN, conn.pid)
+            with self.steps.tracer.span("direct reclaim", conn.pid, cgroup="/"):
+                await self.reclaimers.round(self.sgx.h.root.misc, SGX_NR_TO_SCAN, conn.pid)
 
     async def fault_in(self, conn: Connection, fn: Callable, encl, first: int,
                        count: int) -> dict | None:
@@ -258,12 +264,13 @@ def _edmm(method: str, *extra: str) -> Handler:
         args = [SgxPageType(int(req[name])) for name in extra]
         srv.sgx.check_edmm(encl, first, count)
         operation = functools.partial(getattr(srv.sgx, method), direct_reclaim=False)
-        for c in range(count):
-            await srv.reclaim_direct(conn)
-            try:
-                await srv.until_done(conn, operation, encl, conn.pid, first + c, 1, *args)
-            except KernelError as e:
-                return {"errno": e.errno, "count": c}
+        with srv.steps.tracer.span(method, conn.pid, count=count):
+            for c in range(count):
+                await srv.reclaim_direct(conn)
+                try:
+                    await srv.until_done(conn, operation, encl, conn.pid, first + c, 1, *args)
+                except KernelError as e:
+                    return {"errno": e.errno, "count": c}
         return {"ok": True, "count": count}
 
     return handler
@@ -298,6 +305,10 @@ async def _declare(srv: EnclaveServer, conn: Connection, req: dict) -> dict:
     return {"ok": True}
 
 
+async def _stats(srv: EnclaveServer, conn: Connection, req: dict) -> dict:
+    return {"ok": True, **srv.steps.tracer.stats(srv.sgx)}
+
+
 HANDLERS: dict[str, Handler] = {
     "info": _info,
     "create": _create,
@@ -311,4 +322,5 @@ HANDLERS: dict[str, Handler] = {
     "remove": _edmm("remove_pages"),
     "vepc": _vepc,
     "declare": _declare,
+    "stats": _stats,
 }

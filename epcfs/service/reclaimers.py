@@ -57,13 +57,15 @@ class Reclaimers:
             await self.ksgxd_wake.wait()
             self.ksgxd_wake = trio.Event()
             while self.sgx.should_wake_ksgxd():
-                await self.round(self.sgx.h.root.misc, SGX_NR_TO_SCAN)
+                with self.steps.tracer.span("ksgxd reclaim", "ksgxd"):
+                    await self.round(self.sgx.h.root.misc, SGX_NR_TO_SCAN)
 
     async def work_item(self, css: MiscCss) -> None:
         """sgx_cgroup_reclaim_work_func: rounds while the cgroup is near its limit."""
         try:
             while self.sgx.work_pending(css):
-                await self.round(css, SGX_NR_TO_SCAN)
+                with self.steps.tracer.span("async reclaim", f"async work {css.cgroup.path}"):
+                    await self.round(css, SGX_NR_TO_SCAN)
         finally:
             self.running.discard(css)
 
@@ -75,8 +77,10 @@ class Reclaimers:
         and the work items."""
         done = Round()
         while done.scanned < nr_to_scan and not self.sgx.lru_empty(root):
-            batch = await self.steps.run(self.sgx.isolate, self.sgx.next_cg(root), charge_pid)
-            await self.steps.run(self.sgx.writeback, batch)
-            await self.steps.run(self.sgx.free_batch, batch)
+            cg = self.sgx.next_cg(root)
+            with self.steps.tracer.on_behalf(cg):
+                batch = await self.steps.run(self.sgx.isolate, cg, charge_pid)
+                await self.steps.run(self.sgx.writeback, batch)
+                await self.steps.run(self.sgx.free_batch, batch)
             done.add(batch)
         return done

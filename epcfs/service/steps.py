@@ -13,6 +13,7 @@ import trio
 from ..fs.procs import ProcessTracker
 from ..model.sgx import Sgx
 from .timing import cost
+from .trace import Tracer
 
 
 class Stepper:
@@ -21,6 +22,9 @@ class Stepper:
         self.tracker = tracker
         self.scale = scale
         self.listeners: list[Callable[[], None]] = []
+        self.tracer = Tracer()
+        """Sees every step (EWB/ELDU per cgroup, spans' costs); the daemon's --trace
+        replaces it with a ChromeTrace."""
 
     def settle(self) -> None:
         """After model state changed outside a timed step (e.g. a release)."""
@@ -33,5 +37,6 @@ class Stepper:
         try:
             return fn(*args)
         finally:
+            self.tracer.step(before, self.sgx.encls)
             self.settle()
             await trio.sleep(cost(before, self.sgx.encls, self.scale))
