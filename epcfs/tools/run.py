@@ -49,6 +49,7 @@ CONTAINER_SOCKET = "/run/epcfs/sgx_enclave"
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_mount_options(p)
+    add_plot_option(p)
     p.add_argument("--rootfs", metavar="DIR", default=None,
                    help="run CMD in a container (bubblewrap: new mount, pid, uts and ipc "
                         "namespaces) whose root is DIR (see scripts/make-rootfs)")
@@ -62,6 +63,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="with --rootfs: set a variable in the container (repeatable)")
     p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD …",
                    help="the command to run, with its arguments")
+
+
+def add_plot_option(p: argparse.ArgumentParser) -> None:
+    """--plot, for run and selftest."""
+    p.add_argument("--plot", metavar="FILE.png", default=None,
+                   help="draw EPC use per cgroup over the run (limits, failures, OOM kills"
+                        "; selftest: the script's stages) into this PNG at the end")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -78,20 +86,25 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_in_epcfs(args: argparse.Namespace, command: Sequence[str], *, cwd: str | None = None,
-                 path_prefix: str | None = None) -> int:
+                 path_prefix: str | None = None, runner=None,
+                 marks: Sequence[tuple[float, str]] = ()) -> int:
     """Mount epcfs at /sys/fs/cgroup in a new mount namespace, run `command`, tear down.
 
     `path_prefix` goes first on CMD's PATH (selftest's stand-ins for host-changing tools).
+    `runner(command, socket, env=…, cwd=…)` runs it instead of `call` (selftest's output
+    pump); `marks`, (wall time, line) pairs of CMD's output, label --plot's figure.
     """
     if os.geteuid() != 0:
         print("epcfs run: needs root (it creates a mount namespace)", file=sys.stderr)
         return 1
     try:
-        with private_epcfs(args) as cfg:
+        with plotted(args, marks) as trace, private_epcfs(args, trace) as cfg:
             env = dict(os.environ, EPCFS_SOCKET=cfg.enclave_socket)
             if path_prefix:
                 env["PATH"] = f"{path_prefix}:{env.get('PATH', '/usr/bin:/bin')}"
             try:
+                if runner is not None:
+                    return runner(command, cfg.enclave_socket, env=env, cwd=cwd)
                 return call(command, env=env, cwd=cwd)
             except OSError as e:
                 print(f"epcfs run: {command[0]}: {e.strerror}", file=sys.stderr)
@@ -106,7 +119,34 @@ class DaemonFailed(RuntimeError):
 
 
 @contextlib.contextmanager
-def private_epcfs(args: argparse.Namespace) -> Iterator[MountConfig]:
+def plotted(args: argparse.Namespace, marks: Sequence[tuple[float, str]]) -> Iterator[str | None]:
+    """Yields the trace file the daemon is to write: --trace's, or with only --plot a
+    temporary one. Afterwards (the daemon gone, its trace complete) draws --plot's
+    figure from it, with the output lines in `marks` as stage marks."""
+    plot, trace, scratch = getattr(args, "plot", None), getattr(args, "trace", None), None
+    if plot and not trace:
+        fd, trace = tempfile.mkstemp(prefix="epcfs-trace-", suffix=".json")
+        os.close(fd)
+        scratch = trace
+    try:
+        yield trace
+        if plot and os.path.getsize(trace):
+            from .plot import draw
+
+            script = getattr(args, "script", None)
+            title = (f"epcfs selftest {os.path.basename(script)}" if script
+                     else f"epcfs run {' '.join(args.command)}")
+            try:
+                draw(trace, plot, marks, title=title)
+            except OSError as e:
+                print(f"epcfs: --plot {plot}: {e.strerror}", file=sys.stderr)
+    finally:
+        if scratch:
+            os.unlink(scratch)
+
+
+@contextlib.contextmanager
+def private_epcfs(args: argparse.Namespace, trace: str | None = None) -> Iterator[MountConfig]:
     """Enter a new mount namespace with epcfs at /sys/fs/cgroup (shown as cgroup2 in
     /proc/mounts) and a private enclave socket; on exit the daemon unmounts and the
     private directory goes. Everything happens in this namespace only."""
@@ -114,6 +154,7 @@ def private_epcfs(args: argparse.Namespace) -> Iterator[MountConfig]:
     workdir = tempfile.mkdtemp(prefix="epcfs-run-")
     try:
         cfg = config_from_args(args, CGROUP_ROOT)
+        cfg.trace = os.path.abspath(trace) if trace else None
         cfg.enclave_socket = os.path.join(workdir, "sgx_enclave")
         try:
             daemon = start_detached(cfg)

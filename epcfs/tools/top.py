@@ -77,17 +77,24 @@ class Snapshot:
     rows: list[dict]
 
 
-def query(entry: Entry) -> Snapshot | None:
-    """Ask one daemon for its rows; None if it does not answer (it just stopped)."""
+def ask(path: str) -> dict | None:
+    """The `stats` reply of the daemon listening at `path`; None if it does not answer
+    (it just stopped, or is too busy)."""
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC) as s:
             s.settimeout(REPLY_TIMEOUT)
-            s.connect(entry.socket)
+            s.connect(path)
             s.send(encode({"op": "stats"}))
             reply = decode(s.recv(MAX_MESSAGE))
     except (OSError, ValueError):
         return None
-    if not reply.get("ok"):
+    return reply if reply.get("ok") else None
+
+
+def query(entry: Entry) -> Snapshot | None:
+    """One daemon's rows now; None if it does not answer."""
+    reply = ask(entry.socket)
+    if reply is None:
         return None
     return Snapshot(entry, time.monotonic(), reply["capacity"], reply["rows"])
 

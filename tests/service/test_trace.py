@@ -1,0 +1,134 @@
+"""The tracer under trio's MockClock: what a trace file holds after real enclave requests
+(the same Rig as the enclave server's tests), and what the `stats` op reports."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+
+import pytest
+import trio
+
+from epcfs.model.constants import PAGE_SIZE
+from epcfs.service.trace import ChromeTrace, load
+
+from .test_enclave_server import MIB, Rig, autojump, call  # noqa: F401 (autojump: a fixture)
+
+pytestmark = pytest.mark.usefixtures("autojump")
+
+
+def limited(rig: Rig, name: str, limit: int):
+    """A cgroup under the root with an sgx_epc limit, holding this process."""
+    cg = rig.h.mkdir(rig.h.root, name)
+    rig.h.write_subtree_control(rig.h.root, "+misc +memory")
+    cg.misc.res["sgx_epc"].max = limit
+    rig.h.move(os.getpid(), cg)
+    return cg
+
+
+async def test_trace_of_an_oversubscribed_load(tmp_path):
+    """A load twice its cgroup's limit: the file is strict JSON once closed, with the
+    cgroup's counters and limit, sync reclaim rounds on this process's track costing
+    the EWBs they did, failed charges, the move into the cgroup, and EWB counted for
+    `epcfs top` against the cgroup whose pages went."""
+    capacity = 4 * MIB
+    rig = Rig(str(tmp_path / "s"), capacity, scale=1.0)
+    limited(rig, "t", capacity // 4)
+    path = tmp_path / "trace.json"
+    rig.steps.tracer = tracer = ChromeTrace(str(path))
+    async with trio.open_nursery() as nursery:
+        await rig.start(nursery)
+        nursery.start_soon(tracer.run, rig.sgx)
+        sock = await rig.connect()
+        await call(sock, "create", size=2 * capacity)
+        pages = capacity // 2 // PAGE_SIZE
+        assert (await call(sock, "add", offset=0, count=pages, measured=False,
+                           tcs=False))["count"] == pages
+        await trio.sleep(0.1)
+        stats = (await call(sock, "stats"))
+        sock.close()
+        await trio.sleep(0.1)
+        nursery.cancel_scope.cancel()
+    tracer.close()
+    events = json.loads(path.read_text())
+    assert events == load(str(path))
+    names = {e["name"] for e in events}
+    assert {"misc.current /t", "misc.max /t", "memory.current /t", "EPC free"} <= names
+    limit = [e["args"]["bytes"] for e in events if e["name"] == "misc.max /t"]
+    assert limit == [capacity // 4]
+    peak = max(e["args"]["bytes"] for e in events if e["name"] == "misc.current /t")
+    assert 0 < peak <= capacity // 4
+    rounds = [e for e in events if e["name"] == "sync reclaim"]
+    assert rounds and all(e["ph"] == "X" and e["tid"] == os.getpid() for e in rounds)
+    assert all(e["args"]["cgroup"] == "/t" for e in rounds)
+    assert sum(e["args"]["cost_us"] for e in rounds) > 0
+    assert any(e["name"] == "charge failed" and e["args"]["cgroup"] == "/t" for e in events)
+    assert any(e["name"] == "move" and e["tid"] == os.getpid() for e in events)
+    assert {"name": "thread_name", "ph": "M", "pid": tracer.pid, "tid": os.getpid(),
+            "args": {"name": f"pid {os.getpid()}"}} in events
+    row = next(r for r in stats["rows"] if r["path"] == "/t")
+    assert row["ewb"] > 0 and row["epc_max"] == capacity // 4 and row["enclaves"] == 1
+    assert stats["capacity"] == capacity and stats["rows"][0]["path"] == "/"
+
+
+async def test_enomem_is_an_instant_on_the_process_track(tmp_path):
+    capacity = 16 * MIB
+    rig = Rig(str(tmp_path / "s"), capacity, scale=0.0)
+    limited(rig, "small", capacity // 512)
+    path = tmp_path / "trace.json"
+    rig.steps.tracer = tracer = ChromeTrace(str(path))
+    async with trio.open_nursery() as nursery:
+        await rig.start(nursery)
+        sock = await rig.connect()
+        await call(sock, "create", size=2 * capacity)
+        reply = await call(sock, "add", offset=0, count=capacity // PAGE_SIZE,
+                           measured=False, tcs=False)
+        assert reply["errno"] == errno.ENOMEM
+        sock.close()
+        nursery.cancel_scope.cancel()
+    tracer.close()
+    events = load(str(path))
+    assert [e["tid"] for e in events if e["name"] == "ENOMEM"] == [os.getpid()]
+
+
+async def test_edmm_ioctl_is_a_duration_holding_its_direct_reclaim(tmp_path):
+    capacity = 4 * MIB
+    rig = Rig(str(tmp_path / "s"), capacity, scale=1.0)
+    limited(rig, "edmm", 256 * PAGE_SIZE)
+    path = tmp_path / "trace.json"
+    rig.steps.tracer = tracer = ChromeTrace(str(path))
+    async with trio.open_nursery() as nursery:
+        await rig.start(nursery)
+        sock = await rig.connect()
+        await call(sock, "create", size=2 * capacity)
+        await call(sock, "add", offset=0, count=254, measured=False, tcs=False)
+        await call(sock, "init")
+        assert (await call(sock, "modify_types", offset=0, count=4, page_type=4))["ok"]
+        sock.close()
+        nursery.cancel_scope.cancel()
+    tracer.close()
+    events = load(str(path))
+    (edmm,) = [e for e in events if e["name"] == "modify_types"]
+    direct = [e for e in events if e["name"] == "direct reclaim"]
+    assert edmm["ph"] == "X" and edmm["args"]["count"] == 4 and direct
+    for d in direct:  # nested: inside the ioctl, on the same track
+        assert d["tid"] == edmm["tid"]
+        assert edmm["ts"] <= d["ts"] and d["ts"] + d["dur"] <= edmm["ts"] + edmm["dur"] + 1
+    assert edmm["args"]["cost_us"] >= sum(d["args"]["cost_us"] for d in direct) > 0
+
+
+def test_a_trace_cut_off_mid_write_still_loads(tmp_path):
+    """A daemon killed with SIGKILL: no closing bracket, maybe half a last line. The
+    JSON Array Format allows the missing `]`; load() reads every whole event."""
+    path = tmp_path / "trace.json"
+    tracer = ChromeTrace(str(path))
+    tracer.instant("ENOMEM", 42)
+    tracer.counter("misc.current /a", 4096)
+    tracer.file.flush()
+    text = path.read_text()
+    assert not text.rstrip().endswith("]")
+    assert len(json.loads(text + "]")) == 4  # process name, thread name, two events
+    path.write_text(text + ',\n{"name":"misc.curr')
+    assert [e["name"] for e in load(str(path))][-2:] == ["ENOMEM", "misc.current /a"]
+    tracer.file.close()
