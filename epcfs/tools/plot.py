@@ -1,14 +1,16 @@
 """`--plot FILE.png`: a picture of a run, drawn from its trace (service.trace).
 
-Top panel: sgx_epc in use (misc.current) per cgroup over the run, in MiB, one colour per
-cgroup, its limit (misc.max) dashed in the same colour, charge failures as small
-crosses on the limit and OOM kills as red stars. Bottom panel: memory.current per
-cgroup. Grey vertical lines mark the script's own stage lines (`# Start …`, `PASS: …`,
-`FAIL: …`) at the time it printed them, numbered, with the texts listed below.
+Top panel: sgx_epc in use (misc.current) per cgroup over the run, in MiB on a log scale
+(limits span capacity/512 to capacity), one colour per cgroup, its limit (misc.max)
+dashed in the same colour, charge failures as small crosses just above the limit. Bottom panel:
+memory.current per cgroup, memcg OOM kills as red stars. Grey vertical lines mark the
+script's own stage lines (`# Start …`, `PASS: …`, `FAIL: …`) at the time it printed
+them, numbered, with the texts listed below.
 """
 
 from __future__ import annotations
 
+import os
 from collections import defaultdict
 from collections.abc import Sequence
 
@@ -32,6 +34,7 @@ def draw(trace_path: str, png_path: str, marks: Sequence[tuple[float, str]] = ()
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
     events = load(trace_path)
     times = [e["ts"] for e in events if "ts" in e]
@@ -52,60 +55,103 @@ def draw(trace_path: str, png_path: str, marks: Sequence[tuple[float, str]] = ()
             kills.append((t, e["args"]["cgroup"]))
 
     used = series["misc.current"]
-    paths = [p for p, pts in used.items() if p != "/" and any(v > 0 for _, v in pts)]
+    paths = sorted(p for p, pts in used.items() if p != "/" and any(v > 0 for _, v in pts))
     palette = plt.get_cmap("tab10")
-    colour = {p: palette(i % 10) for i, p in enumerate(sorted(paths))}
-    colour["/"] = "0.55"
-    shown = ["/", *sorted(paths)]
+    colour = {p: palette(i % 10) for i, p in enumerate(paths)}
+    colour["/"] = "0.6"
+    shown = ["/", *paths]
+    prefix = os.path.commonpath(paths) if len(paths) > 1 else ""
+    prefix = "" if prefix == "/" else prefix
 
-    steps = stages(marks)
     fig, (epc, mem) = plt.subplots(2, 1, figsize=(14, 9), sharex=True,
                                    gridspec_kw={"height_ratios": [3, 1.4]})
+    limits = [v for p in shown for _, v in series["misc.max"].get(p, []) if v > 0]
+    # Limits span orders of magnitude (capacity/512 … capacity): a log scale above
+    # the smallest limit's half shows every cgroup; linear below it, down to 0.
+    floor = min(limits, default=1.0) / 2
+    epc.set_yscale("symlog", base=2, linthresh=floor, linscale=0.5)
+    top = max([v for p in shown for _, v in used.get(p, [])] + limits + [floor * 2])
+    ticks = [0.0] + [floor * 2 ** k for k in range(64) if floor * 2 ** k <= top * 1.01]
+    epc.set_yticks(ticks, [_mib(t) for t in ticks])
+    epc.set_ylim(0, top * 1.4)
+    handles = []
     for path in shown:
-        label = "all (root)" if path == "/" else path
-        _steps(epc, used.get(path, []), t_end, colour[path], label, lw=1.0 if path == "/" else 1.6)
+        if path == "/":
+            label = "all cgroups (root)"
+        elif path == prefix:
+            label = f"{os.path.basename(path)} (all below)"
+        else:
+            label = path[len(prefix):].lstrip("/") if prefix else path
+        lw = 1.0 if path == "/" else 1.8
+        _steps(epc, used.get(path, []), t_end, colour[path], lw=lw)
         limit = series["misc.max"].get(path)
         if limit:
-            _steps(epc, limit, t_end, colour[path], f"{path} misc.max", ls="--", lw=1.0)
+            _steps(epc, limit, t_end, colour[path], ls="--", lw=1.0)
         if failed.get(path):
-            ys = [_at(limit or used.get(path, []), t) for t in failed[path]]
-            epc.scatter(failed[path], ys, marker="x", s=12, color=colour[path], linewidths=0.8,
-                        label=f"{path} charge failed", zorder=3)
-        _steps(mem, series["memory.current"].get(path, []), t_end, colour[path], label, lw=1.2)
+            # Just above the limit line, where the crosses are not drawn over.
+            epc.scatter(failed[path],
+                        [1.3 * _at(limit or used.get(path, []), t) for t in failed[path]],
+                        marker="x", s=14, color=colour[path], linewidths=0.8, zorder=3)
+        _steps(mem, series["memory.current"].get(path, []), t_end, colour[path], lw=1.2)
+        handles.append(Line2D([], [], color=colour[path], lw=lw, label=label))
     if kills:
-        epc.scatter([t for t, _ in kills], [_at(used.get(p, []), t) for t, p in kills],
-                    marker="*", s=120, color="red", label="OOM kill", zorder=4)
-    for n, (t, _) in enumerate(steps, 1):
-        x = (t * 1e6 - t0) / 1e6
+        mem.scatter([t for t, _ in kills],
+                    [_at(series["memory.current"].get(p, []), t) for t, p in kills],
+                    marker="*", s=140, color="red", zorder=4)
+    handles += [
+        Line2D([], [], color="0.3", ls="--", lw=1.0, label="misc.max (limit)"),
+        Line2D([], [], color="0.3", marker="x", ls="", label="charge failed (above its limit)"),
+        Line2D([], [], color="red", marker="*", ls="", markersize=11,
+               label="memcg OOM kill (lower panel)"),
+    ]
+    steps = stages(marks)
+    for numbers, x in _merged(steps, t0, t_end):
         for ax in (epc, mem):
-            ax.axvline(x, color="0.7", lw=0.8, zorder=0)
-        epc.annotate(str(n), (x, 1.0), xycoords=("data", "axes fraction"), fontsize=8,
-                     ha="center", va="bottom", color="0.3")
-    epc.set_title(title, loc="left")
-    epc.set_ylabel("sgx_epc in use (MiB)")
+            ax.axvline(x, color="0.75", lw=0.8, zorder=0)
+        epc.annotate(numbers, (x, 1.0), xycoords=("data", "axes fraction"), fontsize=8,
+                     ha="center", va="bottom", color="0.25")
+    epc.set_title(title, loc="left", pad=16)
+    epc.set_ylabel("sgx_epc in use, misc.current (MiB)")
     mem.set_ylabel("memory.current (MiB)")
     mem.set_xlabel("seconds since the daemon started")
-    epc.set_ylim(bottom=0)
     mem.set_ylim(bottom=0)
     epc.set_xlim(0, max(t_end, 1e-3))
-    epc.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
+    legend_title = f"cgroups under {prefix}" if prefix else "cgroups"
+    epc.legend(handles=handles, title=legend_title, loc="upper left",
+               bbox_to_anchor=(1.01, 1.0), fontsize=8, title_fontsize=8, frameon=False)
     if steps:
         text = "\n".join(f"{n:>2}  {_short(line)}" for n, (_, line) in enumerate(steps, 1))
         fig.text(0.01, 0.01, text, fontsize=7, family="monospace", va="bottom")
         fig.subplots_adjust(bottom=0.08 + 0.0125 * len(steps))
-    fig.subplots_adjust(left=0.06, right=0.78, top=0.95, hspace=0.08)
+    fig.subplots_adjust(left=0.07, right=0.8, top=0.94, hspace=0.08)
     fig.savefig(png_path, dpi=100)
     plt.close(fig)
 
 
-def _steps(ax, points: list[tuple[float, float]], t_end: float, colour, label: str,
-           **style) -> None:
+def _merged(steps: list[tuple[float, str]], t0: float, t_end: float) -> list[tuple[str, float]]:
+    """Stage marks as (label, x): marks closer than 1% of the run share one line,
+    labelled with the first and last of their numbers (a PASS and the next Start)."""
+    out: list[tuple[list[int], float]] = []
+    for n, (t, _) in enumerate(steps, 1):
+        x = (t * 1e6 - t0) / 1e6
+        if out and x - out[-1][1] < 0.01 * max(t_end, 1e-3):
+            out[-1][0].append(n)
+        else:
+            out.append(([n], x))
+    return [(str(ns[0]) if len(ns) == 1 else f"{ns[0]}-{ns[-1]}", x) for ns, x in out]
+
+
+def _mib(value: float) -> str:
+    return f"{value:g}" if value >= 1 or value == 0 else f"{value:.3g}"
+
+
+def _steps(ax, points: list[tuple[float, float]], t_end: float, colour, **style) -> None:
     """A counter as a step line held until the end of the run."""
     if not points:
         return
     xs = [t for t, _ in points] + [t_end]
     ys = [v for _, v in points] + [points[-1][1]]
-    ax.plot(xs, ys, drawstyle="steps-post", color=colour, label=label, **style)
+    ax.plot(xs, ys, drawstyle="steps-post", color=colour, **style)
 
 
 def _at(points: list[tuple[float, float]] | None, t: float) -> float:

@@ -173,14 +173,16 @@ class Frame:
 
     def rich(self):
         """The live table of one daemon."""
+        from rich.console import Group
         from rich.table import Table
+        from rich.text import Text
 
-        table = Table(title=self.title(), title_justify="left", expand=False)
+        table = Table(expand=False)
         for _, heading, right in COLUMNS:
             table.add_column(heading, justify="right" if right else "left", no_wrap=True)
         for cells in self.cells():
             table.add_row(*cells)
-        return table
+        return Group(Text(self.title(), style="bold"), table)
 
 
 def _own_namespace() -> str:
