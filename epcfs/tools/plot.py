@@ -34,9 +34,17 @@ def draw(trace_path: str, png_path: str, marks: Sequence[tuple[float, str]] = ()
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    # Titles, cgroup names and script lines are text, never TeX ($$ in a command line).
+    with plt.rc_context({"text.parse_math": False}):
+        _draw(load(trace_path), png_path, marks, title)
+
+
+def _draw(events: list[dict], png_path: str, marks: Sequence[tuple[float, str]],
+          title: str) -> None:
+    import matplotlib.pyplot as plt
     from matplotlib.lines import Line2D
 
-    events = load(trace_path)
     times = [e["ts"] for e in events if "ts" in e]
     t0 = min(times) if times else 0.0
     t_end = (max(times) - t0) / 1e6 if times else 0.0

@@ -138,8 +138,9 @@ def plotted(args: argparse.Namespace, marks: Sequence[tuple[float, str]]) -> Ite
                      else f"epcfs run {' '.join(args.command)}")
             try:
                 draw(trace, plot, marks, title=title)
-            except OSError as e:
-                print(f"epcfs: --plot {plot}: {e.strerror}", file=sys.stderr)
+            except (OSError, ValueError) as e:
+                print(f"epcfs: --plot {plot}: {getattr(e, 'strerror', None) or e}",
+                      file=sys.stderr)
     finally:
         if scratch:
             os.unlink(scratch)
