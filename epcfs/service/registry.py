@@ -30,14 +30,18 @@ class Entry:
     """The daemon's mount namespace (`mnt:[inode]`): its mountpoint is a path there."""
 
     def command(self) -> str:
-        """The command line that started the daemon (`epcfs run …` for its daemon: a
-        detached daemon is a fork of the command that asked for it)."""
+        """The epcfs command that started the daemon, e.g. `epcfs selftest …` (a detached
+        daemon is a fork of the command that asked for it): from its first argument
+        naming epcfs, without the interpreter and the program's directory."""
         try:
             with open(f"/proc/{self.pid}/cmdline", "rb") as f:
-                argv = f.read().rstrip(b"\0").split(b"\0")
+                argv = [os.fsdecode(a) for a in f.read().rstrip(b"\0").split(b"\0")]
         except OSError:
             return ""
-        return " ".join(os.fsdecode(a) for a in argv)
+        for i, arg in enumerate(argv):
+            if arg == "epcfs.cli" or os.path.basename(arg) == "epcfs":
+                return " ".join(["epcfs", *argv[i + 1:]])
+        return " ".join(argv)
 
 
 @contextlib.contextmanager

@@ -126,6 +126,8 @@ class Tracer:
     def _rows(self, sgx: Sgx) -> list[dict]:
         enclaves = Counter(sgx.h.misc_of(e.owner).cgroup for e in sgx.enclaves.values()
                            if not e.released)
+        for css in [css for css in self.leaves if css.dead]:
+            del self.leaves[css]  # released: its cgroup is gone from the rows too
         leaves = {css.cgroup: counts for css, counts in self.leaves.items()}
         rows = []
         for cg in sgx.h.root.walk():
@@ -154,7 +156,7 @@ def _memcg(sgx: Sgx, cg: Cgroup):
     """The memory css shown beside a misc cgroup: its own (v2), or the memory
     hierarchy's cgroup of the same path (v1); None where there is none."""
     if sgx.h.mem is sgx.h:
-        return cg.memory
+        return None if cg.is_root else cg.memory  # no memory.current at the v2 root
     with contextlib.suppress(OSError):
         return sgx.h.mem.lookup(cg.path).memory
     return None

@@ -137,12 +137,12 @@ def _draw(events: list[dict], png_path: str, marks: Sequence[tuple[float, str]],
 
 
 def _merged(steps: list[tuple[float, str]], t0: float, t_end: float) -> list[tuple[str, float]]:
-    """Stage marks as (label, x): marks closer than 1% of the run share one line,
+    """Stage marks as (label, x): marks closer than 2.5% of the run share one line,
     labelled with the first and last of their numbers (a PASS and the next Start)."""
     out: list[tuple[list[int], float]] = []
     for n, (t, _) in enumerate(steps, 1):
         x = (t * 1e6 - t0) / 1e6
-        if out and x - out[-1][1] < 0.01 * max(t_end, 1e-3):
+        if out and x - out[-1][1] < 0.025 * max(t_end, 1e-3):
             out[-1][0].append(n)
         else:
             out.append(([n], x))
