@@ -155,7 +155,8 @@ def private_epcfs(args: argparse.Namespace, trace: str | None = None) -> Iterato
     workdir = tempfile.mkdtemp(prefix="epcfs-run-")
     try:
         cfg = config_from_args(args, CGROUP_ROOT)
-        cfg.trace = os.path.abspath(trace) if trace else None
+        if trace:
+            cfg.trace = os.path.abspath(trace)
         cfg.enclave_socket = os.path.join(workdir, "sgx_enclave")
         try:
             daemon = start_detached(cfg)
@@ -232,6 +233,10 @@ def run_in_container(args: argparse.Namespace, command: Sequence[str]) -> int:
         print(f"epcfs run: {args.rootfs}: not a directory", file=sys.stderr)
         return 1
     rootfs = os.path.abspath(args.rootfs)
+    if args.attach and (args.plot or args.trace):
+        print("epcfs run: --plot and --trace need a daemon of its own, not --attach",
+              file=sys.stderr)
+        return 2
     if args.attach:
         cgroupfs = os.path.abspath(args.attach)
         if not any(os.path.exists(os.path.join(cgroupfs, *sub, "misc.capacity"))
@@ -241,7 +246,7 @@ def run_in_container(args: argparse.Namespace, command: Sequence[str]) -> int:
         return _contain(args, rootfs, cgroupfs,
                         args.enclave_socket or default_socket(cgroupfs), command)
     try:
-        with private_epcfs(args) as cfg:
+        with plotted(args, ()) as trace, private_epcfs(args, trace) as cfg:
             return _contain(args, rootfs, CGROUP_ROOT, cfg.enclave_socket, command)
     except DaemonFailed as e:
         print(f"epcfs run: {e}", file=sys.stderr)
