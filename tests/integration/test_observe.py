@@ -235,3 +235,19 @@ echo "PASS: held."
         assert "epcfs selftest " not in screen()  # the status line went with the run
     finally:
         subprocess.run([*tmux, "kill-server"], capture_output=True)
+
+
+def test_an_unwritable_trace_or_plot_is_one_message(tmp_path):
+    """No traceback: the daemon cannot start without its trace file; a figure that
+    cannot be written is reported, and the command's status stands."""
+    result = subprocess.run([*EPCFS, "run", "--capacity", "16M", "--trace",
+                             str(tmp_path / "no" / "t.json"), "--", "true"],
+                            cwd=REPO, env=ENV, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert f"--trace {tmp_path}/no/t.json: No such file or directory" in result.stderr
+    assert "Traceback" not in result.stderr
+    result = subprocess.run([*EPCFS, "run", "--capacity", "16M", "--time-scale", "0", "--plot",
+                             str(tmp_path / "no" / "p.png"), "--", "sh", "-c", "exit 3"],
+                            cwd=REPO, env=ENV, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 3
+    assert result.stderr == f"epcfs: --plot {tmp_path}/no/p.png: No such file or directory\n"
