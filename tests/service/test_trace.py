@@ -132,3 +132,26 @@ def test_a_trace_cut_off_mid_write_still_loads(tmp_path):
     path.write_text(text + ',\n{"name":"misc.curr')
     assert [e["name"] for e in load(str(path))][-2:] == ["ENOMEM", "misc.current /a"]
     tracer.file.close()
+
+
+async def test_an_oom_kill_is_an_instant_of_its_memcg(tmp_path):
+    """Memory declared past memory.max: the memcg OOM killer picks this process (the
+    service would SIGKILL it); the trace marks the kill against the cgroup."""
+    rig = Rig(str(tmp_path / "s"), 4 * MIB, scale=0.0)
+    cg = limited(rig, "m", 4 * MIB)
+    cg.memory.max = 16  # pages
+    path = tmp_path / "trace.json"
+    rig.steps.tracer = tracer = ChromeTrace(str(path))
+    async with trio.open_nursery() as nursery:
+        await rig.start(nursery)
+        nursery.start_soon(tracer.run, rig.sgx)
+        sock = await rig.connect()
+        assert (await call(sock, "declare", bytes=8 * PAGE_SIZE))["ok"]
+        await call(sock, "declare", bytes=64 * PAGE_SIZE)  # forced: the caller is the victim
+        await trio.sleep(0.1)
+        sock.close()
+        nursery.cancel_scope.cancel()
+    tracer.close()
+    assert rig.tracker.killed == [os.getpid()]
+    kills = [e for e in load(str(path)) if e["name"] == "OOM kill"]
+    assert [(k["args"]["cgroup"], k["args"]["count"]) for k in kills] == [("/m", 1)]
