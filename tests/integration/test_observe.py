@@ -192,8 +192,8 @@ def test_a_killed_daemon_leaves_a_readable_trace(mount_epcfs, tmp_path):
         assert json.loads(trace.read_text() + "]") == events  # as the viewers read it
         assert not trace.read_text().rstrip().endswith("]")
     finally:
-        stale = Path(DAEMONS_DIR) / f"{daemon.proc.pid}.json"
-        stale.unlink(missing_ok=True)
+        for stale in Path(DAEMONS_DIR).glob(f"*-{daemon.proc.pid}.json"):
+            stale.unlink()
 
 
 @pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux not installed")

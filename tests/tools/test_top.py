@@ -10,12 +10,13 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 
 from epcfs.protocol import default_socket
-from epcfs.service.registry import DAEMONS_DIR
+from epcfs.service.registry import DAEMONS_DIR, Entry
 
 EPCFS = [sys.executable, "-m", "epcfs.cli"]
 
@@ -91,22 +92,28 @@ def test_filters_pick_one_daemon_and_stale_entries_are_skipped(loaded, mount_epc
     # A daemon killed with SIGKILL leaves its registry file; its pid is gone.
     gone = subprocess.Popen(["true"])
     gone.wait()
-    stale = Path(DAEMONS_DIR) / f"{gone.pid}.json"
-    stale.write_text(json.dumps({"pid": gone.pid, "mountpoint": "/nowhere",
-                                 "socket": "/nowhere.sock", "namespace": "mnt:[1]"}))
+    entry = Entry(gone.pid, "/nowhere", "/nowhere.sock", "mnt:[1]",
+                  os.readlink("/proc/self/ns/pid"))
+    stale = Path(DAEMONS_DIR) / entry.filename()
+    stale.write_text(json.dumps(asdict(entry)))
     try:
         result = top("-b", "-n", "1", "--daemon", str(gone.pid))
         assert (result.returncode, result.stdout) == (1, "")
         assert result.stderr == "epcfs top: no epcfs daemon is running\n"
         assert "/nowhere" not in top("-b", "-n", "1").stdout
+        mount_epcfs("--capacity", "8M")  # the next daemon to register clears it away
+        assert not stale.exists()
     finally:
-        stale.unlink()
+        stale.unlink(missing_ok=True)
 
 
 def test_a_stopped_daemon_unregisters(mount_epcfs):
     daemon = mount_epcfs("--capacity", "8M")
-    entry = Path(DAEMONS_DIR) / f"{daemon.proc.pid}.json"
-    assert json.loads(entry.read_text())["mountpoint"] == str(daemon.path)
+    (entry,) = Path(DAEMONS_DIR).glob(f"*-{daemon.proc.pid}.json")
+    assert json.loads(entry.read_text()) == {
+        "pid": daemon.proc.pid, "mountpoint": str(daemon.path),
+        "socket": default_socket(str(daemon.path)), "namespace": os.readlink("/proc/self/ns/mnt"),
+        "pidns": os.readlink("/proc/self/ns/pid")}
     assert daemon.stop() == 0
     assert not entry.exists()
 
