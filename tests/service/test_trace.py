@@ -155,3 +155,16 @@ async def test_an_oom_kill_is_an_instant_of_its_memcg(tmp_path):
     assert rig.tracker.killed == [os.getpid()]
     kills = [e for e in load(str(path)) if e["name"] == "OOM kill"]
     assert [(k["args"]["cgroup"], k["args"]["count"]) for k in kills] == [("/m", 1)]
+
+
+def test_replies_that_fail_a_process_are_instants_on_its_track(tmp_path):
+    """ENOMEM and a SIGBUS instead of a reply mark the process's track; other errors
+    and successes do not (they are in the durations around them)."""
+    path = tmp_path / "trace.json"
+    tracer = ChromeTrace(str(path))
+    for reply in ({"ok": True}, {"errno": errno.EINVAL}, {"errno": errno.ENOMEM, "count": 3},
+                  {"signal": "SIGBUS"}):
+        tracer.replied(77, reply)
+    tracer.close()
+    marks = [(e["name"], e["tid"]) for e in load(str(path)) if e["ph"] == "i"]
+    assert marks == [("ENOMEM", 77), ("SIGBUS", 77), ("trace_end", 0)]
