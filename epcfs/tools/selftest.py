@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import select
 import shutil
 import signal
 import stat
@@ -27,7 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from ..service.daemon import add_mount_options
 from .run import add_plot_option, run_in_epcfs
@@ -44,6 +45,9 @@ KSFT_SKIP = 4
 
 STATUS_REFRESH = 2
 """Redraws of the status line per second."""
+
+PIPE_QUIET = 0.2
+"""Seconds without output after which an exited script's pipe counts as done."""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -145,14 +149,33 @@ def pump(command: Sequence[str], socket: str, marks: list[tuple[float, str]], *,
         proc = subprocess.Popen(list(command), stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT if tap else None, **kwargs)
         with proc, Output(socket) as emit:
-            for raw in proc.stdout:
-                line = raw.decode(errors="replace").rstrip("\n")
+            for line in lines_until_exit(proc):
                 marks.append((time.time(), line))
                 emit(f"# {line}" if tap else line)
         status = proc.returncode
     finally:
         signal.signal(signal.SIGINT, previous)
     return 128 - status if status < 0 else status
+
+
+def lines_until_exit(proc: subprocess.Popen) -> Iterator[str]:
+    """The lines `proc` writes to its stdout pipe until it has exited and the pipe is
+    quiet: a background child that outlives the script and keeps the pipe open does
+    not hold the run (as with `call`, the script's exit ends it)."""
+    fd, pending = proc.stdout.fileno(), b""
+    while True:
+        ready, _, _ = select.select([fd], [], [], PIPE_QUIET)
+        chunk = os.read(fd, 65536) if ready else b""
+        if ready and chunk:
+            *whole, pending = (pending + chunk).split(b"\n")
+            yield from (raw.decode(errors="replace") for raw in whole)
+        elif not ready and proc.poll() is None:
+            continue
+        else:  # end of the pipe, or the script exited and nothing more came
+            break
+    proc.wait()
+    if pending:
+        yield pending.decode(errors="replace")
 
 
 class Output:
