@@ -87,12 +87,10 @@ class Tracer:
         css = _behalf.get()
         if css is None:
             return
-        counts = None
         for leaf in METERED:
             n = after.get(leaf, 0) - before.get(leaf, 0)
             if n:
-                counts = counts if counts is not None else self.leaves.setdefault(css, Counter())
-                counts[leaf] += n
+                self.leaves.setdefault(css, Counter())[leaf] += n
 
     def span(self, name: str, track: int | str, **args) -> contextlib.AbstractContextManager:
         """A duration on `track` (a client pid, or a named track such as "ksgxd")."""
