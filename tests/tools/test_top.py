@@ -149,3 +149,14 @@ def test_live_table_in_a_terminal(loaded, tmp_path):
                  what="top to quit on q")
     finally:
         subprocess.run([*tmux, "kill-server"], capture_output=True)
+
+
+def test_order_sorts_rows_largest_first(loaded):
+    (loaded.path / "b").mkdir()
+    by = {}
+    for order in ("path", "epc"):
+        result = top("-b", "-n", "1", "--order", order, "--daemon", str(loaded.proc.pid))
+        assert result.returncode == 0, result.stderr
+        by[order] = [line.split()[0] for line in result.stdout.splitlines()[2:]]
+    assert by == {"path": ["/", "/b", "/w"], "epc": ["/", "/w", "/b"]}
+    (loaded.path / "b").rmdir()
