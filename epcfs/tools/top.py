@@ -59,8 +59,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="plain text, one frame after another (also when stdout is not a "
                         "terminal)")
     p.add_argument("--order", choices=sorted(set(ORDERS.values())), default="path",
-                   help="sort rows by this column, largest first (default: path, tree "
-                        "order); in the live table the keys p e m w l n")
+                   help="sort rows by this column, largest first (default: path, "
+                        "alphabetical); in the live table the keys p e m w l n")
     p.add_argument("--mountpoint", metavar="PATH",
                    help="only the daemon serving PATH (as seen in its mount namespace; "
                         "/sys/fs/cgroup for those of epcfs run and selftest)")
@@ -134,7 +134,9 @@ class Frame:
                 row[leaf + "_rate"] = ((row[leaf] - prev[leaf]) / elapsed
                                        if prev is not None and elapsed > 0 else None)
             self.rows.append(row)
-        if order != "path":
+        if order == "path":  # alphabetical, each cgroup right above its children
+            self.rows.sort(key=lambda r: r["path"].split("/"))
+        else:
             key = order + "_rate" if order in ("ewb", "eldu") else order
             self.rows.sort(key=lambda r: r[key] or 0, reverse=True)
 
