@@ -1,5 +1,8 @@
 """`--plot FILE.png`: a picture of a run, drawn from its trace (service.trace).
 
+`plotted` gives `epcfs run` and `epcfs selftest` the trace file their daemon writes (a
+temporary one without --trace) and draws the figure once the daemon is gone.
+
 Top panel: sgx_epc in use (misc.current) per cgroup over the run, in MiB on a log scale
 (limits span capacity/512 to capacity), one colour per cgroup, its limit (misc.max)
 dashed in the same colour, charge failures as small crosses just above the limit. Bottom panel:
@@ -10,9 +13,13 @@ them, numbered, with the texts listed below.
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import os
+import sys
+import tempfile
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from ..service.trace import load
 
@@ -20,6 +27,39 @@ MIB = 1 << 20
 
 STAGE_PREFIXES = ("# Start", "PASS:", "FAIL:", "SKIP:", "# Killed")
 """Script lines that mark a stage of a selftest run (the final script's wording)."""
+
+
+def add_plot_option(p: argparse.ArgumentParser) -> None:
+    """--plot, for run and selftest."""
+    p.add_argument("--plot", metavar="FILE.png", default=None,
+                   help="draw EPC use per cgroup over the run (limits, failures, OOM kills"
+                        "; selftest: the script's stages) into this PNG at the end")
+
+
+@contextlib.contextmanager
+def plotted(args: argparse.Namespace, marks: Sequence[tuple[float, str]]) -> Iterator[str | None]:
+    """Yields the trace file the daemon is to write: --trace's, or with only --plot a
+    temporary one. Afterwards (the daemon gone, its trace complete) draws --plot's
+    figure from it, with the output lines in `marks` as stage marks."""
+    plot, trace, scratch = getattr(args, "plot", None), getattr(args, "trace", None), None
+    if plot and not trace:
+        fd, trace = tempfile.mkstemp(prefix="epcfs-trace-", suffix=".json")
+        os.close(fd)
+        scratch = trace
+    try:
+        yield trace
+        if plot and os.path.getsize(trace):
+            script = getattr(args, "script", None)
+            title = (f"epcfs selftest {os.path.basename(script)}" if script
+                     else f"epcfs run {' '.join(args.command)}")
+            try:
+                draw(trace, plot, marks, title=title)
+            except (OSError, ValueError) as e:
+                print(f"epcfs: --plot {plot}: {getattr(e, 'strerror', None) or e}",
+                      file=sys.stderr)
+    finally:
+        if scratch:
+            os.unlink(scratch)
 
 
 def stages(marks: Sequence[tuple[float, str]]) -> list[tuple[float, str]]:

@@ -42,6 +42,7 @@ from ..namespace import (
 )
 from ..protocol import default_socket
 from ..service.daemon import MountConfig, add_mount_options, config_from_args, start_detached
+from .plot import add_plot_option, plotted
 
 CONTAINER_SOCKET = "/run/epcfs/sgx_enclave"
 """Where the enclave socket appears inside a container."""
@@ -63,13 +64,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="with --rootfs: set a variable in the container (repeatable)")
     p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD …",
                    help="the command to run, with its arguments")
-
-
-def add_plot_option(p: argparse.ArgumentParser) -> None:
-    """--plot, for run and selftest."""
-    p.add_argument("--plot", metavar="FILE.png", default=None,
-                   help="draw EPC use per cgroup over the run (limits, failures, OOM kills"
-                        "; selftest: the script's stages) into this PNG at the end")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -116,34 +110,6 @@ def run_in_epcfs(args: argparse.Namespace, command: Sequence[str], *, cwd: str |
 
 class DaemonFailed(RuntimeError):
     """The daemon did not come up (its exit status is in the message)."""
-
-
-@contextlib.contextmanager
-def plotted(args: argparse.Namespace, marks: Sequence[tuple[float, str]]) -> Iterator[str | None]:
-    """Yields the trace file the daemon is to write: --trace's, or with only --plot a
-    temporary one. Afterwards (the daemon gone, its trace complete) draws --plot's
-    figure from it, with the output lines in `marks` as stage marks."""
-    plot, trace, scratch = getattr(args, "plot", None), getattr(args, "trace", None), None
-    if plot and not trace:
-        fd, trace = tempfile.mkstemp(prefix="epcfs-trace-", suffix=".json")
-        os.close(fd)
-        scratch = trace
-    try:
-        yield trace
-        if plot and os.path.getsize(trace):
-            from .plot import draw
-
-            script = getattr(args, "script", None)
-            title = (f"epcfs selftest {os.path.basename(script)}" if script
-                     else f"epcfs run {' '.join(args.command)}")
-            try:
-                draw(trace, plot, marks, title=title)
-            except (OSError, ValueError) as e:
-                print(f"epcfs: --plot {plot}: {getattr(e, 'strerror', None) or e}",
-                      file=sys.stderr)
-    finally:
-        if scratch:
-            os.unlink(scratch)
 
 
 @contextlib.contextmanager

@@ -31,7 +31,8 @@ import time
 from collections.abc import Iterator, Sequence
 
 from ..service.daemon import add_mount_options
-from .run import add_plot_option, run_in_epcfs
+from .plot import add_plot_option
+from .run import run_in_epcfs
 
 STAND_INS = ("swapoff", "swapon")
 """Host-changing commands the scripts call that must not reach the host."""
