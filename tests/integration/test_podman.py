@@ -32,7 +32,7 @@ from pathlib import Path
 import pytest
 
 from epcfs.tools.run import _python_paths
-from tests.fs.util import read, wait_for
+from tests.fs.util import read, remove_tree, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 EPCFS = [sys.executable, "-m", "epcfs.cli"]
@@ -152,12 +152,8 @@ class Podman:
         self.holder.wait()
         self.holder.stdout.close()
         for hierarchy in Path("/sys/fs/cgroup").iterdir():
-            top = hierarchy / self.parent
-            if top.is_dir():
-                for d in sorted((p for p in top.rglob("*") if p.is_dir()),
-                                key=lambda p: -len(p.parts)):
-                    d.rmdir()
-                top.rmdir()
+            # runc's cgroups and conmon's, which may take a moment to exit
+            remove_tree(hierarchy / self.parent)
         return left
 
 
