@@ -20,6 +20,7 @@ tear down), so one hooks.d entry can serve both stages.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import errno
 import json
@@ -29,6 +30,7 @@ import time
 
 from ..namespace import (
     AT_FDCWD,
+    CGROUP_ROOT,
     CLONE_NEWNS,
     MOVE_MOUNT_F_EMPTY_PATH,
     OPEN_TREE_CLONE,
@@ -123,8 +125,10 @@ def create(mountpoint: str, cgroup: str, state: dict) -> None:
     pid = state.get("pid")
     if not isinstance(pid, int) or pid <= 0:
         raise HookError(f"no container pid in the state (status {state.get('status')!r})")
-    annotations = state.get("annotations") or {}
-    bundle = state.get("bundle") or "."
+    limits = _limits(state.get("annotations"))
+    bundle = state.get("bundle")
+    if not isinstance(bundle, str):
+        raise HookError("no bundle in the state")
     rootfs, readonly = _container_root(bundle)
     parent = os.path.dirname(cgroup)
     _write(os.path.join(mountpoint, "cgroup.subtree_control"), CONTROLLERS)
@@ -141,19 +145,34 @@ def create(mountpoint: str, cgroup: str, state: dict) -> None:
         raise HookError(f"mkdir {cgroup}: {e.strerror}", e.errno) from e
     moved = False
     try:
-        for name in ANNOTATIONS:
-            value = annotations.get(ANNOTATION_PREFIX + name)
-            if value is not None:
-                _write(os.path.join(cgroup, name), value)
+        for name, value in limits.items():
+            _write(os.path.join(cgroup, name), value)
         _write(os.path.join(cgroup, "cgroup.procs"), str(pid))
         moved = True
-        _bind_into(cgroup, pid, os.path.join(rootfs, "sys/fs/cgroup"), readonly)
+        _bind_into(cgroup, pid, rootfs + CGROUP_ROOT, readonly)
     except HookError:
-        if moved:
-            # back to the root, so the rmdir below finds the cgroup empty
-            _write(os.path.join(mountpoint, "cgroup.procs"), str(pid), quiet=True)
-        _rmdir(cgroup, quiet=True)
+        with contextlib.suppress(OSError, HookError):
+            if moved:
+                # back to the root, so that the rmdir finds the cgroup empty
+                _write(os.path.join(mountpoint, "cgroup.procs"), str(pid))
+            os.rmdir(cgroup)
         raise
+
+
+def _limits(annotations: object) -> dict[str, str]:
+    """The files to write and their values, from the state's annotations."""
+    if annotations is None:
+        return {}
+    if not isinstance(annotations, dict):
+        raise HookError("the state's annotations are not an object")
+    limits = {}
+    for name in ANNOTATIONS:
+        value = annotations.get(ANNOTATION_PREFIX + name)
+        if value is not None and not isinstance(value, str):
+            raise HookError(f"annotation {ANNOTATION_PREFIX + name} is not a string")
+        if value is not None:
+            limits[name] = value
+    return limits
 
 
 def remove(cgroup: str) -> None:
@@ -161,7 +180,8 @@ def remove(cgroup: str) -> None:
     (a start that failed, a second poststop) is fine."""
     if not os.path.isdir(cgroup):
         return
-    _write(os.path.join(cgroup, "cgroup.kill"), "1", quiet=True)
+    with contextlib.suppress(HookError):
+        _write(os.path.join(cgroup, "cgroup.kill"), "1")
     deadline = time.monotonic() + REMOVE_TIMEOUT
     while True:
         try:
@@ -182,16 +202,19 @@ def _container_root(bundle: str) -> tuple[str, bool]:
         with open(os.path.join(bundle, "config.json")) as f:
             config = json.load(f)
         root = config["root"]["path"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
+        mounts = config.get("mounts") or []
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise HookError(f"cannot read the bundle's config.json: {e}") from e
+    if not isinstance(root, str) or not isinstance(mounts, list):
+        raise HookError("the bundle's config.json has no root path or a bad mounts list")
     readonly = True
-    for m in config.get("mounts") or ():
-        if m.get("destination", "").rstrip("/") == "/sys/fs/cgroup":
+    for m in mounts:
+        if isinstance(m, dict) and str(m.get("destination", "")).rstrip("/") == CGROUP_ROOT:
             readonly = "ro" in (m.get("options") or ())
     return os.path.join(bundle, root), readonly
 
 
-def _write(path: str, text: str, quiet: bool = False) -> None:
+def _write(path: str, text: str) -> None:
     """One write() of `text`, as `echo TEXT > PATH` does; the kernel's errno on failure."""
     try:
         fd = os.open(path, os.O_WRONLY)
@@ -200,16 +223,7 @@ def _write(path: str, text: str, quiet: bool = False) -> None:
         finally:
             os.close(fd)
     except OSError as e:
-        if not quiet:
-            raise HookError(f"{os.path.basename(path)}: {text!r}: {e.strerror}", e.errno) from e
-
-
-def _rmdir(path: str, quiet: bool = False) -> None:
-    try:
-        os.rmdir(path)
-    except OSError as e:
-        if not quiet:
-            raise HookError(f"rmdir {path}: {e.strerror}", e.errno) from e
+        raise HookError(f"{os.path.basename(path)}: {text!r}: {e.strerror}", e.errno) from e
 
 
 def _check(result: int, what: str) -> int:

@@ -296,7 +296,12 @@ def test_a_hooks_d_file_does_it_without_cdi(podman, tmp_path):
 
 
 def test_the_hook_refuses_what_is_not_an_oci_state(tmp_path):
-    for stdin in ("", "garbage", '{"id": "../x", "pid": 1}', '{"id": "c1"}'):
+    bad = ("", "garbage", "[]", '{"id": "../x", "pid": 1}', '{"id": "c1"}',
+           '{"id": "c1", "pid": 1, "annotations": []}',
+           '{"id": "c1", "pid": 1, "annotations": {"epcfs.io/misc.max": 5}}',
+           '{"id": "c1", "pid": 1, "bundle": 7}',
+           f'{{"id": "c1", "pid": 1, "bundle": "{tmp_path}"}}')
+    for stdin in bad:
         result = subprocess.run([*EPCFS, "oci-hook", "--mountpoint", str(tmp_path)],
                                 input=stdin, capture_output=True, text=True, cwd=REPO)
         assert result.returncode != 0 and result.stderr.startswith("epcfs oci-hook: "), stdin
@@ -310,3 +315,17 @@ def test_poststop_of_a_container_without_cgroup_is_fine(tmp_path):
                             input=state, capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 0, result.stderr
 
+
+
+def test_cdi_prints_a_spec_podman_4_3_reads_for_the_default_daemon():
+    result = subprocess.run([*EPCFS, "cdi"], capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    spec = json.loads(result.stdout)
+    assert (spec["cdiVersion"], spec["kind"]) == ("0.5.0", "epcfs.io/sgx")
+    (device,) = spec["devices"]
+    edits = device["containerEdits"]
+    assert device["name"] == "epc" and edits["env"] == ["EPCFS_SOCKET=/run/epcfs/sgx_enclave"]
+    assert edits["mounts"][0]["hostPath"] == "/run/epcfs/run-epcfs.sock"
+    assert [(h["hookName"], h["args"][-3:]) for h in edits["hooks"]] == [
+        ("createRuntime", ["--mountpoint", "/run/epcfs", "createRuntime"]),
+        ("poststop", ["--mountpoint", "/run/epcfs", "poststop"])]
