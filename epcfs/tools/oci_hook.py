@@ -107,12 +107,13 @@ def run(args: argparse.Namespace) -> int:
         print(f"epcfs oci-hook: container id {cid!r} cannot name a cgroup", file=sys.stderr)
         return 1
     stage = args.stage or ("poststop" if state.get("status") == "stopped" else "createRuntime")
-    cgroup = os.path.join(args.mountpoint, PARENT, cid)
+    mountpoint = os.path.abspath(args.mountpoint)
+    cgroup = os.path.join(mountpoint, PARENT, cid)
     try:
         if stage == "poststop":
             remove(cgroup)
         else:
-            create(args.mountpoint, cgroup, state)
+            create(mountpoint, cgroup, state)
     except HookError as e:
         print(f"epcfs oci-hook: {cid[:12]}: {e}", file=sys.stderr)
         return e.errno or 1
