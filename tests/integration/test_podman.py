@@ -329,3 +329,9 @@ def test_cdi_prints_a_spec_podman_4_3_reads_for_the_default_daemon():
     assert [(h["hookName"], h["args"][-3:]) for h in edits["hooks"]] == [
         ("createRuntime", ["--mountpoint", "/run/epcfs", "createRuntime"]),
         ("poststop", ["--mountpoint", "/run/epcfs", "poststop"])]
+
+
+def test_a_privileged_container_may_write_its_limits(podman):
+    script = "echo 'sgx_epc 8192' > /sys/fs/cgroup/misc.max && cat /sys/fs/cgroup/misc.max"
+    result = podman.run("--rm", "--privileged", IMAGE, "sh", "-c", script)
+    assert (result.returncode, result.stdout) == (0, "sgx_epc 8192\n"), result.stderr
