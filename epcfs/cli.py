@@ -18,7 +18,7 @@ SUBCOMMANDS = (
     ("selftest", "epcfs.tools.selftest", "run a kernel tree's run_epc_cg_selftests.sh unchanged"),
     ("load", "epcfs.tools.load", "hold an enclave of a given size in the current cgroup"),
     ("cdi", "epcfs.tools.cdi", "print a CDI spec giving containers the simulated SGX"),
-    ("oci-hook", "epcfs.tools.oci_hook", "OCI hook: a container's own epcfs cgroup"),
+    ("oci-hook", "epcfs.tools.oci_hook", "OCI hook (state on stdin): a container's own cgroup"),
 )
 
 
