@@ -8,7 +8,8 @@ limits from the `epcfs.io/misc.max` and `epcfs.io/memory.max` annotations.
 Each test starts its own daemon at a temporary mountpoint and runs podman inside a
 private mount namespace (`unshare --mount --propagation private`, held by a sleeping
 process and entered with nsenter), where:
-- a tmpfs hides /run/cdi, so the spec written there is this test's only;
+- a tmpfs hides /run, so the spec written to /run/cdi is this test's only, and the
+  runtimes' state (/run/crun, /run/runc) goes with the namespace;
 - the name-less cgroup2 at /sys/fs/cgroup/unified is unmounted: on this kind of hybrid
   host it has a controller (hugetlb), and crun then refuses to run ("cgroups in hybrid
   mode not supported") even with --cgroups=disabled.
@@ -82,18 +83,6 @@ def _env(store: Path) -> dict[str, str]:
                 CONTAINERS_STORAGE_CONF=str(store / "storage.conf"))
 
 
-@pytest.fixture(scope="module")
-def cdi_dir():
-    """/run/cdi exists (the test's namespace mounts a tmpfs on it); removed after if it
-    was made here."""
-    made = not CDI_DIR.exists()
-    CDI_DIR.mkdir(exist_ok=True)
-    yield CDI_DIR
-    if made:
-        with contextlib.suppress(OSError):
-            CDI_DIR.rmdir()
-
-
 class Podman:
     """podman with one runtime, run in a private mount namespace that also sees one
     epcfs daemon (`cgroupfs`) and whose /run/cdi holds that daemon's spec."""
@@ -109,7 +98,8 @@ class Podman:
         self.holder = subprocess.Popen(
             ["unshare", "--mount", "--propagation", "private", "sh", "-c",
              "mountpoint -q /sys/fs/cgroup/unified && umount -l /sys/fs/cgroup/unified;"
-             f" mount -t tmpfs -o mode=755 cdi {CDI_DIR} && echo ready && exec sleep 100000"],
+             " mount -t tmpfs -o mode=755 run /run && mkdir /run/cdi"
+             " && echo ready && exec sleep 100000"],
             stdout=subprocess.PIPE, text=True)
         line = self.holder.stdout.readline()
         assert line.strip() == "ready", "the test's mount namespace did not come up"
@@ -158,7 +148,7 @@ class Podman:
 
 
 @pytest.fixture(params=RUNTIMES)
-def podman(request, store, cdi_dir, mount_epcfs, tmp_path) -> Podman:
+def podman(request, store, mount_epcfs, tmp_path) -> Podman:
     socket = tmp_path / "sgx.sock"
     daemon = mount_epcfs("--capacity", CAPACITY, "--time-scale", "0",
                          "--enclave-socket", str(socket))
