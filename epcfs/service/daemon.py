@@ -237,7 +237,7 @@ def serve(cfg: MountConfig, ready) -> int:
     from ..fs import loop as fuse_loop
     from ..fs.cftype import Context
     from ..fs.ops import CgroupFs
-    from ..fs.procs import LegacyTrackers, ProcessTracker
+    from ..host.tracker import LegacyTrackers, ProcessTracker
     from ..model.cgroup import Hierarchy
     from ..model.sgx import Sgx
     from ..protocol import default_socket

@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 
 from epcfs.fs.cftype import Caller
-from epcfs.fs.procs import Proc, ProcessTracker
+from epcfs.host.proc import Proc
+from epcfs.host.tracker import ProcessTracker
 from epcfs.model.cgroup import Hierarchy
 from epcfs.model.errors import KernelError
 

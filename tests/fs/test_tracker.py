@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from epcfs.fs.cftype import Caller
-from epcfs.fs.procs import ProcessTracker
+from epcfs.host.tracker import ProcessTracker
 from epcfs.model.cgroup import Hierarchy
 from epcfs.model.errors import KernelError
 

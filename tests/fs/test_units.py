@@ -13,7 +13,7 @@ from epcfs.fs import ops
 from epcfs.fs.cftype import CfType, Context, Where
 from epcfs.fs.ops import CgroupFs, kernfs_name_hash
 from epcfs.fs.parse import kstrtoint, kstrtoull, page_counter_memparse, strstrip
-from epcfs.fs.procs import ProcessTracker
+from epcfs.host.tracker import ProcessTracker
 from epcfs.model.cgroup import Hierarchy
 from epcfs.model.constants import PAGE_COUNTER_MAX
 from epcfs.model.errors import KernelError
