@@ -108,8 +108,8 @@ def _subtree_control_write(ctx: Context, cg: Cgroup, text: str, caller: Caller) 
 
 
 def _events_show(ctx: Context, cg: Cgroup) -> str:
-    ctx.tracker.settle()
-    return f"populated {int(cg.populated)}\nfrozen {int(cg.frozen)}\n"
+    populated, frozen = ctx.tracker.events(cg)
+    return f"populated {int(populated)}\nfrozen {int(frozen)}\n"
 
 
 def _max_descendants_show(ctx: Context, cg: Cgroup) -> str:

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 
 from epcfs.fs.cftype import Caller
+from epcfs.host.events import EventTracker
 from epcfs.host.proc import Proc
-from epcfs.host.tracker import ProcessTracker
 from epcfs.model.cgroup import Hierarchy
 from epcfs.model.errors import KernelError
 
@@ -159,7 +159,7 @@ def test_real_nested_namespaces_map_both_ways():
 @needs_unshare
 def test_tracker_moves_the_writers_pid_and_lists_in_the_readers():
     h = Hierarchy({"sgx_epc": 1 << 20})
-    t = ProcessTracker(h, use_connector=False)
+    t = EventTracker(h, use_connector=False)
     outer, a = _spawn_in_new_pidns(1)
     try:
         cg = h.mkdir(h.root, "c")

@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from epcfs.fs.cftype import Caller
-from epcfs.host.tracker import ProcessTracker
+from epcfs.host.events import EventTracker
 from epcfs.model.cgroup import Hierarchy
 from epcfs.model.errors import KernelError
 
@@ -23,7 +23,7 @@ ME = Caller(os.getpid(), 0, 0)
 @pytest.fixture(params=[True, False], ids=["connector", "ppid-walk"])
 def tracked(request):
     h = Hierarchy({"sgx_epc": 1 << 20})
-    t = ProcessTracker(h, use_connector=request.param)
+    t = EventTracker(h, use_connector=request.param)
     if request.param and t.forks is None:
         pytest.skip("no proc connector here")
     yield h, t, request.param

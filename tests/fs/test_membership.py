@@ -1,0 +1,154 @@
+"""Exact membership, in both modes (--membership cgroup and events), through a real mount:
+processes started the way daemons, shells and container runtimes start them (a double
+fork, `sh -c '(sleep 30 &)'`) stay in their cgroup, cgroup.kill and cgroup.freeze reach
+them, and their enclaves are charged there."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from .util import pids, read, sh, wait_for, write
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (FUSE, cgroups)")
+
+MODES = ("cgroup", "events")
+_serial = itertools.count()
+
+
+def marked(marker: str) -> list[int]:
+    """Live (non-zombie) processes started by this test: `marker` is in their argv."""
+    out = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+            with open(f"/proc/{name}/stat") as f:
+                zombie = f.read().rsplit(")", 1)[1].split()[0] in "ZX"
+        except OSError:
+            continue
+        if marker.encode() in argv and not zombie:
+            out.append(int(name))
+    return sorted(out)
+
+
+@pytest.fixture
+def marker():
+    """A unique sleep length (`sleep 600.N`) naming this test's processes; whatever is
+    left of them is killed afterwards, by pid."""
+    value = f"600.{os.getpid() % 1000}{next(_serial):03d}"
+    yield value
+    for _ in range(50):
+        left = marked(value)
+        if not left:
+            return
+        for pid in left:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.05)
+
+
+@pytest.fixture(params=MODES)
+def mounted(request, mount_epcfs, tmp_path):
+    """(daemon, cgroup `w` under its root, enclave socket) in one membership mode."""
+    sock = tmp_path / "sgx.sock"
+    daemon = mount_epcfs("--membership", request.param, "--time-scale", "0",
+                         "--enclave-socket", str(sock))
+    w = daemon.path / "w"
+    w.mkdir()
+    yield daemon, w, sock
+    for cg in (w,):
+        if cg.exists():
+            for pid in pids(cg):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+
+
+def double_forks(cg: Path, n: int, marker: str) -> str:
+    return (f'echo 0 > {cg}/cgroup.procs; i=0; while [ $i -lt {n} ]; do '
+            f'sh -c "(sleep {marker} >/dev/null 2>&1 &)"; i=$((i+1)); done')
+
+
+def test_the_mode_is_logged_at_start(mounted):
+    daemon, w, _ = mounted
+    mode = daemon.proc.args[daemon.proc.args.index("--membership") + 1]
+    assert f"membership: {mode}" in daemon.log.read_text()
+
+
+def test_double_forked_children_stay_one_by_one(mounted, marker):
+    _, w, _ = mounted
+    assert sh(double_forks(w, 40, marker)).ok
+    wait_for(lambda: len(marked(marker)) == 40, what="40 sleeps")
+    assert pids(w) == marked(marker)
+
+
+def test_a_burst_of_orphans_all_stay(mounted, marker):
+    _, w, _ = mounted
+    r = sh(f'echo 0 > {w}/cgroup.procs; i=0; while [ $i -lt 300 ]; do '
+           f'(sleep {marker} >/dev/null 2>&1 &) & i=$((i+1)); done; wait')
+    assert r.ok, r
+    wait_for(lambda: len(marked(marker)) == 300, what="300 sleeps")
+    assert pids(w) == marked(marker)
+
+
+def test_kill_leaves_no_survivor_while_the_member_keeps_forking(mounted, marker):
+    _, w, _ = mounted
+    p = subprocess.Popen(["sh", "-c", f'echo 0 > {w}/cgroup.procs; while :; do '
+                          f'sh -c "(sleep {marker} &)"; done'])
+    try:
+        wait_for(lambda: len(marked(marker)) >= 30, what="the member to fork")
+        assert write(w / "cgroup.kill", "1") == 0
+        assert p.wait(10) == -signal.SIGKILL
+        wait_for(lambda: not marked(marker), what="every double-forked child killed")
+        time.sleep(0.3)  # anything forked at the last moment would show up by now
+        assert marked(marker) == []
+        assert read(w / "cgroup.events").startswith("populated 0")
+    finally:
+        p.kill()
+        p.wait()
+
+
+def _sizes(files: list[Path]) -> list[int]:
+    return [f.stat().st_size for f in files]
+
+
+def test_a_frozen_cgroups_double_forked_children_are_frozen(mounted, marker, tmp_path):
+    _, w, _ = mounted
+    beats = [tmp_path / f"beat{i}" for i in range(5)]
+    loop = tmp_path / "beat.sh"
+    loop.write_text('while :; do echo . >> "$2"; sleep 0.02; done\n')
+    script = f'echo 0 > {w}/cgroup.procs; ' + "; ".join(
+        f"sh -c '(sh {loop} {marker} {b} >/dev/null 2>&1 &)'" for b in beats)
+    assert sh(script).ok
+    wait_for(lambda: all(b.exists() and b.stat().st_size > 4 for b in beats),
+             what="heartbeats")
+    assert write(w / "cgroup.freeze", "1") == 0
+    wait_for(lambda: "frozen 1" in read(w / "cgroup.events"), what="frozen")
+    time.sleep(0.1)
+    before = _sizes(beats)
+    time.sleep(0.5)
+    assert _sizes(beats) == before  # no loop ran while frozen
+    assert write(w / "cgroup.freeze", "0") == 0
+    wait_for(lambda: all(a > b for a, b in zip(_sizes(beats), before, strict=False)), what="thawed")
+
+
+def test_a_double_forked_grandchilds_enclave_is_charged_to_its_cgroup(mounted, marker):
+    daemon, w, sock = mounted
+    load = f"{sys.executable} -m epcfs.cli load --size 1M --hold {marker} --socket {sock}"
+    assert sh(f'echo 0 > {w}/cgroup.procs; sh -c "({load} >/dev/null 2>&1 &)"').ok
+    wait_for(lambda: int(read(w / "misc.current").split()[1]) > 1 << 20,
+             what="the enclave (1M heap and its SECS) charged to w")
+    (grandchild,) = marked(marker)
+    assert pids(w) == [grandchild]
+    os.kill(grandchild, signal.SIGTERM)
+    wait_for(lambda: read(w / "misc.current") == "sgx_epc 0\n", what="release")
