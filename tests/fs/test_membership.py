@@ -152,3 +152,49 @@ def test_a_double_forked_grandchilds_enclave_is_charged_to_its_cgroup(mounted, m
     assert pids(w) == [grandchild]
     os.kill(grandchild, signal.SIGTERM)
     wait_for(lambda: read(w / "misc.current") == "sgx_epc 0\n", what="release")
+
+
+# -- the mirror's life (cgroup mode) -----------------------------------------------------
+
+
+def mirrors() -> set[str]:
+    """The cgroup mirrors below this test's own cgroup (where a daemon it starts puts
+    its mirror)."""
+    from epcfs.host.mirror import own_cgroup_dir
+
+    directory, _ = own_cgroup_dir()
+    return {name for name in os.listdir(directory) if name.startswith("epcfs-")}
+
+
+def test_unmount_removes_the_mirror_and_frees_its_processes(mount_epcfs, marker):
+    before = mirrors()
+    daemon = mount_epcfs("--membership", "cgroup")
+    (new,) = mirrors() - before
+    (daemon.path / "a").mkdir()
+    (daemon.path / "a" / "b").mkdir()
+    assert sh(double_forks(daemon.path / "a" / "b", 3, marker)).ok
+    assert write(daemon.path / "a" / "cgroup.freeze", "1") == 0
+    assert daemon.stop() == 0
+    assert mirrors() == before
+    left = marked(marker)
+    assert len(left) == 3  # still running, thawed, back in the daemon's cgroup
+    for pid in left:
+        with open(f"/proc/{pid}/cgroup") as f:
+            assert new not in f.read()
+
+
+def test_the_next_start_removes_a_killed_daemons_mirror(mount_epcfs, marker):
+    before = mirrors()
+    daemon = mount_epcfs("--membership", "cgroup")
+    (stale,) = mirrors() - before
+    (daemon.path / "a").mkdir()
+    assert sh(double_forks(daemon.path / "a", 3, marker)).ok
+    daemon.proc.kill()
+    daemon.proc.wait()
+    assert stale in mirrors()  # SIGKILL: nothing ran
+    again = mount_epcfs("--membership", "cgroup")
+    assert stale not in mirrors()
+    assert "removing the cgroup mirror a killed daemon left" in again.log.read_text()
+    assert len(marked(marker)) == 3
+    again.stop()
+    assert mirrors() == before
