@@ -17,25 +17,23 @@ MODES = ("auto", "cgroup", "events")
 """--membership choices: auto is cgroup where a writable cgroup2 hierarchy allows it."""
 
 
-def open_tracker(hierarchy: Hierarchy, mode: str, legacy: bool = False) -> ProcessTracker:
-    """A tracker in `mode`, logged as "membership: MODE". OSError if `mode` is cgroup
-    and that cannot work here. The v1 layout (`legacy`) has two hierarchies a process
-    is in independently, which one cgroup2 mirror cannot hold: events there."""
-    if mode != "events" and not legacy:
-        try:
-            mirror = Mirror()
-        except OSError as e:
-            if mode == "cgroup":
-                raise
-            log.info("membership: events (no writable cgroup2 hierarchy: %s)", e)
-        else:
-            log.info("membership: cgroup (mirrored in %s)", mirror.where)
-            return MirrorTracker(hierarchy, mirror)
-    elif mode == "cgroup":
-        raise OSError("--membership cgroup needs the cgroup v2 layout")
-    else:
+def open_tracker(hierarchy: Hierarchy, mode: str) -> ProcessTracker:
+    """A tracker for `hierarchy` in `mode`, logged as "membership: MODE". OSError if
+    `mode` is cgroup and that cannot work here. A hierarchy of the v1 layout is mirrored
+    in a named v1 hierarchy, a v2 one in the daemon's cgroup2 cgroup (see Mirror)."""
+    if mode == "events":
         log.info("membership: events")
-    return EventTracker(hierarchy)
+        return EventTracker(hierarchy)
+    legacy = hierarchy.root.legacy
+    try:
+        mirror = Mirror(legacy=next(iter(legacy)) if legacy else None)
+    except OSError as e:
+        if mode == "cgroup":
+            raise
+        log.info("membership: events (no cgroup hierarchy to mirror in: %s)", e)
+        return EventTracker(hierarchy)
+    log.info("membership: cgroup (mirrored in %s)", mirror.where)
+    return MirrorTracker(hierarchy, mirror)
 
 
 class LegacyTrackers:

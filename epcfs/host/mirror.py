@@ -1,10 +1,14 @@
-"""A private subtree of a real cgroup2 hierarchy that mirrors the epcfs cgroup tree.
+"""A private subtree of a real cgroup hierarchy that mirrors the epcfs cgroup tree.
 
 Placed below the daemon's own cgroup (on a v2 host, the one systemd delegates with
 `Delegate=yes`; on a v1 host, its cgroup in the name-only v2 hierarchy), with no
 controllers enabled, so neither the no-internal-process rule nor the host's resource
 accounting changes. Its top directory stands for the epcfs root, `top/a/b` for epcfs's
 `/a/b`. Processes not in the subtree at all are in the epcfs root too.
+
+The v1 layout's two hierarchies (a process is in one cgroup of each) get one mirror
+each, in the named v1 hierarchies `epcfs.misc` and `epcfs.memory` (`mount -t cgroup -o
+none,name=…`, which a host with cgroup v1 support allows its root to do).
 
 Everything is reached through a directory fd opened before the FUSE mount: `epcfs run`
 mounts epcfs over /sys/fs/cgroup, and a path lookup through our own mount from the
@@ -46,11 +50,21 @@ def _start_time(pid: int) -> int | None:
         return None
 
 
+def own_cgroup(key: str = "") -> str | None:
+    """This process's cgroup path in the hierarchy whose controller field in
+    /proc/self/cgroup is `key` ("": cgroup2; "name=X": the named v1 hierarchy X)."""
+    with open("/proc/self/cgroup") as f:
+        for line in f:
+            _, controllers, path = line.rstrip("\n").split(":", 2)
+            if controllers == key:
+                return path
+    return None
+
+
 def own_cgroup_dir() -> tuple[str, str]:
     """(directory, hierarchy path) of this process's cgroup in a mounted cgroup2
     hierarchy. OSError if there is none."""
-    with open("/proc/self/cgroup") as f:
-        path = next((line[3:].rstrip("\n") for line in f if line.startswith("0::")), None)
+    path = own_cgroup()
     if path is None:
         raise OSError(errno.ENOENT, "not in any cgroup2 hierarchy")
     with open("/proc/self/mountinfo") as f:
@@ -68,14 +82,55 @@ def own_cgroup_dir() -> tuple[str, str]:
     raise OSError(errno.ENOENT, "no cgroup2 hierarchy mounted")
 
 
+LEGACY_NAME = "epcfs.{controller}"
+"""The named v1 hierarchy mirroring the v1 layout's `controller` hierarchy. One per
+controller for the whole host, shared by every daemon (each has its own subtree in
+it): the kernel keeps a named hierarchy that ever had a child cgroup for good, so a
+name per daemon would leave one behind in every process's /proc/PID/cgroup each time."""
+
+MS_NOSUID, MS_NODEV, MS_NOEXEC = 2, 4, 8
+MNT_DETACH = 2
+
+
+def _open_named_hierarchy(name: str) -> tuple[int, str]:
+    """An fd of this process's cgroup in the named v1 hierarchy `name` (created if
+    new), and that cgroup's path. The hierarchy is mounted on a scratch directory only
+    long enough to open it: nothing shows in any mount table afterwards."""
+    import ctypes
+    import tempfile
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    scratch = tempfile.mkdtemp(prefix="epcfs-mirror-")
+    try:
+        if libc.mount(b"cgroup", scratch.encode(), b"cgroup", MS_NOSUID | MS_NODEV | MS_NOEXEC,
+                      f"none,name={name}".encode()) < 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"mount -t cgroup -o none,name={name}: {os.strerror(err)}")
+        try:
+            path = own_cgroup(f"name={name}") or "/"
+            fd = os.open(scratch + path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        finally:
+            libc.umount2(scratch.encode(), MNT_DETACH)
+    finally:
+        os.rmdir(scratch)
+    return fd, path
+
+
 class Mirror:
     """The real twin of the epcfs tree. Paths are epcfs cgroup paths ("/" or "/a/b")."""
 
-    def __init__(self) -> None:
-        """Create the subtree (removing stale ones first). OSError if this process
-        cannot create cgroups where it is."""
-        directory, path = own_cgroup_dir()
-        self.parent_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    def __init__(self, legacy: str | None = None) -> None:
+        """Create the subtree (removing stale ones first): in the daemon's cgroup2
+        cgroup, or with `legacy` (a v1 layout hierarchy's controller) in the named v1
+        hierarchy LEGACY_NAME. OSError if this process cannot create cgroups there."""
+        if legacy is None:
+            self.key = ""
+            directory, path = own_cgroup_dir()
+            self.parent_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        else:
+            self.key = "name=" + LEGACY_NAME.format(controller=legacy)
+            self.parent_fd, path = _open_named_hierarchy(self.key[5:])
+            directory = f"cgroup v1 hierarchy {self.key}:{path}"
         try:
             self._remove_stale()
             name = "epcfs-{}-{}-{}".format(*_self_identity())
@@ -111,10 +166,14 @@ class Mirror:
     def cgroup_of(self, pid: int) -> str | None:
         """The epcfs path of `pid`'s cgroup, from /proc/PID/cgroup: None if outside the
         mirror (epcfs root) or gone."""
+        path = ""
         try:
             with open(f"/proc/{pid}/cgroup") as f:
-                path = next((line[3:].rstrip("\n") for line in f if line.startswith("0::")),
-                            "")
+                for line in f:
+                    _, controllers, where = line.rstrip("\n").split(":", 2)
+                    if controllers == self.key:
+                        path = where
+                        break
         except OSError:
             return None
         if path == self.path:

@@ -268,7 +268,7 @@ def serve(cfg: MountConfig, ready) -> int:
     sgx.sanitize_all()
     try:
         if cfg.cgroup_version == 1:
-            contexts = tuple(Context(h, open_tracker(h, cfg.membership, legacy=True))
+            contexts = tuple(Context(h, open_tracker(h, cfg.membership))
                              for h in (hierarchy, hierarchy.mem))
             tracker = LegacyTrackers(*(c.tracker for c in contexts))
             fs = CgroupFs(contexts[0], v1=contexts)

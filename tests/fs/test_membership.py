@@ -198,3 +198,18 @@ def test_the_next_start_removes_a_killed_daemons_mirror(mount_epcfs, marker):
     assert len(marked(marker)) == 3
     again.stop()
     assert mirrors() == before
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_the_v1_layout_keeps_double_forked_children_in_both_hierarchies(mount_epcfs, marker,
+                                                                      mode):
+    """A process is in one cgroup of each v1 hierarchy, and its children inherit both."""
+    daemon = mount_epcfs("--cgroup-version", "1", "--membership", mode)
+    misc, memory = daemon.path / "misc" / "w", daemon.path / "memory" / "v"
+    misc.mkdir()
+    memory.mkdir()
+    assert sh(f"echo 0 > {memory}/cgroup.procs; " + double_forks(misc, 20, marker)).ok
+    wait_for(lambda: len(marked(marker)) == 20, what="20 sleeps")
+    assert pids(misc) == marked(marker)
+    assert pids(memory) == marked(marker)
+    assert f"membership: {mode}" in daemon.log.read_text()
