@@ -149,7 +149,9 @@ class EventTracker(ProcessTracker):
         if parent in self.killed:
             self.pidfds.signal(child, signal.SIGKILL)
             self.killed.add(child)
-        placed = where.is_root or child in self.hierarchy.procs
+        # a child already in a non-root cgroup was placed; one pinned in the root by a
+        # lookup while its parent's event was pending was not
+        placed = where.is_root or not self.hierarchy.procs.get(child, self.hierarchy.root).is_root
         if not placed and not self._register(child, where):
             self.gone[child] = (where, now)  # already exited: its children may follow
         for grandchild, _ in self.pending.pop(child, ()):
