@@ -1,6 +1,6 @@
-"""Reading /proc: a process's status and stat lines, its threads, and its pid in each
-pid namespace (NSpid, NS_GET_PARENT) for translating pids between the daemon's pid
-namespace and a caller's."""
+"""Reading /proc: a process's status and stat lines, its threads, its pid in each pid
+namespace (NSpid) and the identity of those namespaces (nsfs, NS_GET_PARENT), which
+pidns.py uses to translate pids between the daemon's pid namespace and a caller's."""
 
 from __future__ import annotations
 
@@ -77,41 +77,6 @@ class Proc:
             return None
         finally:
             os.close(fd)
-
-    def to_daemon_ns(self, pid: int, caller: int) -> int | None:
-        """The daemon-namespace id of the task that `caller` (a daemon-namespace id) knows
-        as `pid`; None if the caller's namespace has no such task. Thread ids count (the
-        caller may name a thread; cgroup.procs moves its thread group)."""
-        me = self.status(caller) if caller else None
-        if me is None or me.level == 0:
-            return pid
-        ns = self.pid_ns(caller)
-        for candidates in (self.pids, self._all_tids):
-            for cand in candidates():
-                st = self.status(cand)
-                if (st is not None and len(st.nspid) > me.level
-                        and st.nspid[me.level] == pid
-                        and self.pid_ns(cand, st.level - me.level) == ns):
-                    return cand
-        return None
-
-    def to_caller_ns(self, pids: list[int], caller: int) -> list[int]:
-        """`pids` (daemon namespace) as `caller` sees them, in order, leaving out those
-        outside its namespace."""
-        me = self.status(caller) if caller else None
-        if me is None or me.level == 0:
-            return pids
-        ns = self.pid_ns(caller)
-        out = []
-        for pid in pids:
-            st = self.status(pid)
-            if (st is not None and len(st.nspid) > me.level
-                    and self.pid_ns(pid, st.level - me.level) == ns):
-                out.append(st.nspid[me.level])
-        return out
-
-    def _all_tids(self) -> list[int]:
-        return [tid for pid in self.pids() for tid in self.tasks(pid) if tid != pid]
 
     def stat(self, pid: int) -> tuple[str, int, int, int] | None:
         """(state, ppid, flags, num_threads) from /proc/PID/stat; None if gone."""

@@ -16,8 +16,8 @@ its Tgid), with the kernel's checks in its order; exits are noticed with pidfds
 (`Pidfds`); one trio task waits on them, and every read of a membership-dependent file
 settles first, so `cgroup.procs`, `populated` and rmdir's EBUSY are exact even before
 that task has run. Pids are the daemon's pid namespace's (that of its /proc, which the
-FUSE request context and SO_PEERCRED report); `Proc.to_daemon_ns`/`to_caller_ns`
-translate what a process in a container writes and reads.
+FUSE request context and SO_PEERCRED report); pidns.py translates what a process in
+a container writes and reads.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING
 from ..model.cgroup import Cgroup, Hierarchy
 from ..model.errors import KernelError
 from .pidfds import Pidfds
+from .pidns import to_daemon_ns
 from .proc import PF_NO_SETAFFINITY, Proc, is_dead
 
 if TYPE_CHECKING:
@@ -112,7 +113,7 @@ class ProcessTracker:
         and not moved.
         """
         self.settle(scan=False)
-        tid = self.proc.to_daemon_ns(pid, caller.pid) if pid else caller.pid
+        tid = to_daemon_ns(self.proc, pid, caller.pid) if pid else caller.pid
         if tid is None:
             raise KernelError(errno.ESRCH, f"no process {pid} in the writer's pid namespace")
         status = self.proc.status(tid)
