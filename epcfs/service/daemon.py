@@ -18,6 +18,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 
+from ..host.membership import MODES as MEMBERSHIP_MODES
 from ..model.constants import SGX_MAX_EPC_SECTIONS
 from ..units import parse_size
 from .timing import DEFAULT_SCALE
@@ -55,7 +56,7 @@ class MountConfig:
     """2: one cgroup2 hierarchy at the mountpoint. 1: the v1 layout, a read-only
     directory holding two hierarchies, `misc` and `memory` (root_controllers unused)."""
     membership: str = "auto"
-    """Who tracks which process is in which cgroup (host.membership.MODES): "cgroup",
+    """Who tracks which process is in which cgroup (MEMBERSHIP_MODES): "cgroup",
     the kernel in a mirror of the tree; "events", fork events; "auto": cgroup if it can."""
     foreground: bool = False
     debug: bool = False
@@ -98,10 +99,11 @@ def add_mount_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--enclave-socket", metavar="PATH", default=None,
                    help="where the simulated /dev/sgx_enclave listens (default: "
                         "/run/epcfs/<mountpoint>.sock; clients use $EPCFS_SOCKET or that)")
-    p.add_argument("--membership", choices=("auto", "cgroup", "events"), default=None,
-                   help="cgroup: real cgroups in a private subtree of a writable cgroup2 "
-                        "hierarchy track processes (exact); events: the proc connector's "
-                        "fork events do; auto (default): cgroup where it works")
+    p.add_argument("--membership", choices=MEMBERSHIP_MODES, default=None,
+                   help="cgroup: the kernel tracks processes, in real cgroups mirroring "
+                        "the tree below the daemon's own cgroup2 cgroup (v1 layout: in named "
+                        "v1 hierarchies); events: the proc connector's fork events do; auto "
+                        "(default): cgroup where it works")
 
 
 def parse_section(text: str) -> tuple[int, int]:

@@ -213,3 +213,34 @@ def test_the_v1_layout_keeps_double_forked_children_in_both_hierarchies(mount_ep
     assert pids(misc) == marked(marker)
     assert pids(memory) == marked(marker)
     assert f"membership: {mode}" in daemon.log.read_text()
+
+
+def _without_cgroup2(mountpoint: Path, mode: str, env=None) -> subprocess.Popen:
+    """A daemon in a mount namespace where no cgroup2 hierarchy is mounted."""
+    daemon = (f"exec {sys.executable} -m epcfs.cli mount -f --membership {mode} "
+              f"{mountpoint}")
+    return subprocess.Popen(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+         "for m in $(awk '$3 == \"cgroup2\" {print $2}' /proc/mounts); do umount -l $m; done;"
+         + daemon], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+        cwd=Path(__file__).resolve().parents[2])
+
+
+def test_without_a_writable_hierarchy_auto_falls_back_and_cgroup_refuses(tmp_path,
+                                                                          ready_notice):
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    refused = _without_cgroup2(mountpoint, "cgroup")
+    out, _ = refused.communicate(timeout=30)
+    assert refused.returncode == 1
+    assert "--membership cgroup: " in out and "Traceback" not in out
+    notice = ready_notice()
+    auto = _without_cgroup2(mountpoint, "auto", env=notice.env)
+    try:
+        wait_for(lambda: notice.ready() or auto.poll() is not None, what="ready")
+    finally:
+        notice.close()
+        auto.send_signal(signal.SIGTERM)
+        out, _ = auto.communicate(timeout=15)
+    assert auto.returncode == 0, out
+    assert "membership: events (no cgroup hierarchy to mirror in" in out
