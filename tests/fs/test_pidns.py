@@ -18,7 +18,9 @@ from pathlib import Path
 import pytest
 
 from epcfs.fs.cftype import Caller
+from epcfs.host.cgroup_tracker import MirrorTracker
 from epcfs.host.events import EventTracker
+from epcfs.host.mirror import Mirror
 from epcfs.host.pidns import to_caller_ns, to_daemon_ns
 from epcfs.host.proc import Proc
 from epcfs.model.cgroup import Hierarchy
@@ -158,12 +160,13 @@ def test_real_nested_namespaces_map_both_ways():
 
 
 @needs_unshare
-def test_tracker_moves_the_writers_pid_and_lists_in_the_readers():
+@pytest.mark.parametrize("mode", ["cgroup", "events"])
+def test_tracker_moves_the_writers_pid_and_lists_in_the_readers(mode):
     h = Hierarchy({"sgx_epc": 1 << 20})
-    t = EventTracker(h, use_connector=False)
+    t = MirrorTracker(h, Mirror()) if mode == "cgroup" else EventTracker(h)
     outer, a = _spawn_in_new_pidns(1)
     try:
-        cg = h.mkdir(h.root, "c")
+        cg = t.mkdir(h.root, "c")
         inside = Caller(a, 0, 0)  # as if `a` wrote "1" (itself, in its namespace)
         t.attach(1, cg, inside)
         assert t.members(cg) == [a]
