@@ -123,3 +123,29 @@ def test_exit_hooks_and_oom_kills(tracked):
     wait_for(lambda: t.settle() or seen == [p.pid])  # no run() task here: settle()
     assert b.memory.events["oom_kill"] == 1
     assert a.procs == set()
+
+
+def test_lost_fork_events_are_resynchronised_from_proc_and_logged(caplog):
+    """ENOBUFS (the connector's queue overflowed): what /proc still shows is recovered,
+    children of live members included, and the log says events were lost."""
+    h = Hierarchy({"sgx_epc": 1 << 20})
+    t = EventTracker(h)
+    if t.forks is None:
+        pytest.skip("no proc connector here")
+    a = t.mkdir(h.root, "a")
+    p = subprocess.Popen(["sh", "-c", "read x; sleep 30 & echo $!; exec sleep 30"],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        t.attach(p.pid, a, ME)
+        p.stdin.write("go\n")
+        p.stdin.flush()
+        child = int(p.stdout.readline())
+        t.forks.drain()  # the fork events are gone unread
+        t.forks.lost = True
+        t.settle()
+        assert t.members(a) == sorted([p.pid, child])
+        assert "fork events lost" in caplog.text
+    finally:
+        p.kill()
+        p.wait()
+        t.close()
