@@ -244,3 +244,28 @@ def test_without_a_writable_hierarchy_auto_falls_back_and_cgroup_refuses(tmp_pat
         out, _ = auto.communicate(timeout=15)
     assert auto.returncode == 0, out
     assert "membership: events (no cgroup hierarchy to mirror in" in out
+
+
+def _named_cgroup(pid: int, name: str) -> str | None:
+    with open(f"/proc/{pid}/cgroup") as f:
+        for line in f:
+            _, controllers, path = line.rstrip("\n").split(":", 2)
+            if controllers == f"name={name}":
+                return path
+    return None
+
+
+def test_the_next_start_removes_a_killed_v1_daemons_mirrors(mount_epcfs, marker):
+    daemon = mount_epcfs("--cgroup-version", "1", "--membership", "cgroup")
+    for controller in ("misc", "memory"):
+        (daemon.path / controller / "a").mkdir()
+    assert sh(f"echo 0 > {daemon.path}/memory/a/cgroup.procs; "
+              + double_forks(daemon.path / "misc" / "a", 1, marker)).ok
+    (sleeper,) = marked(marker)
+    assert _named_cgroup(sleeper, "epcfs.misc").endswith("/a")
+    daemon.proc.kill()
+    daemon.proc.wait()
+    again = mount_epcfs("--cgroup-version", "1", "--membership", "cgroup")
+    assert again.log.read_text().count("removing the cgroup mirror a killed daemon") == 2
+    assert _named_cgroup(sleeper, "epcfs.misc") == "/"
+    assert _named_cgroup(sleeper, "epcfs.memory") == "/"
