@@ -45,6 +45,12 @@ PENDING_GRACE = 0.5
 most such events come from processes in the root and are dropped after it."""
 
 
+EXPIRE_EVERY = 0.1
+"""Seconds between sweeps of `gone` and `pending`: every fork on the host whose parent
+is untracked passes through `pending`, so sweeping at each read would cost a pass over
+all of them per batch of events."""
+
+
 class EventTracker(ProcessTracker):
     """Membership from fork events (see the module docstring). Freezing is SIGSTOP and
     SIGCONT, the closest user space gets to the kernel's freezer; cgroup.kill SIGKILLs
@@ -58,6 +64,7 @@ class EventTracker(ProcessTracker):
         self.killed: set[int] = set()
         self.gone: dict[int, tuple[Cgroup, float]] = {}
         self.pending: dict[int, list[tuple[int, float]]] = {}
+        self.expired = 0.0
         self.forks: ForkEvents | None = None
         if use_connector:
             try:
@@ -137,7 +144,8 @@ class EventTracker(ProcessTracker):
             self.forks.lost = False
             log.warning("proc connector overflowed (fork events lost): rescanning /proc")
             self._adopt_all()
-        self._expire(now)
+        if now - self.expired > EXPIRE_EVERY:
+            self._expire(now)
 
     def _forked(self, parent: int, child: int, now: float) -> None:
         where = self.hierarchy.procs.get(parent)
@@ -158,6 +166,7 @@ class EventTracker(ProcessTracker):
             self._forked(child, grandchild, now)
 
     def _expire(self, now: float) -> None:
+        self.expired = now
         for pid in [p for p, (_, t) in self.gone.items() if now - t > GONE_GRACE]:
             del self.gone[pid]
             self.killed.discard(pid)
