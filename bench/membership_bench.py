@@ -9,6 +9,10 @@ fresh daemon at --time-scale 0 (no simulated SGX time):
   creates an enclave (the first request looks up its cgroup: /proc/PID/cgroup in the
   mirror mode, the tracker's table in the events mode) and closes.
 
+For reference, in this process: the kernel's own cost of a move (open+write+close of
+cgroup.procs in two scratch cgroups of the cgroup2 hierarchy this process is in,
+removed after), and each tracker's lookup of one pid's cgroup (`cgroup_of`).
+
     sudo .venv/bin/python bench/membership_bench.py [--count 2000]
 """
 
@@ -27,6 +31,11 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from epcfs.client import Enclave  # noqa: E402
+from epcfs.fs.cftype import Caller  # noqa: E402
+from epcfs.host.cgroup_tracker import MirrorTracker  # noqa: E402
+from epcfs.host.events import EventTracker  # noqa: E402
+from epcfs.host.mirror import Mirror, own_cgroup_dir  # noqa: E402
+from epcfs.model.cgroup import Hierarchy  # noqa: E402
 
 
 def mount(mountpoint: Path, sock: Path, mode: str) -> subprocess.Popen:
@@ -80,6 +89,46 @@ def enclave_connect(root: Path, sock: Path, count: int) -> float:
     return result
 
 
+def kernel_move(count: int) -> float:
+    """µs per move between two scratch cgroups of the kernel's cgroup2 hierarchy."""
+    directory, _ = own_cgroup_dir()
+    scratch = [Path(directory) / f"epcfs-bench-{os.getpid()}-{i}" for i in range(2)]
+    for d in scratch:
+        d.mkdir()
+    sleeper = subprocess.Popen(["sleep", "600"])
+    pid = str(sleeper.pid).encode()
+    try:
+        targets = [os.fsencode(d / "cgroup.procs") for d in scratch]
+        start = time.perf_counter()
+        for i in range(count):
+            fd = os.open(targets[i & 1], os.O_WRONLY)
+            os.write(fd, pid)
+            os.close(fd)
+        return (time.perf_counter() - start) / count * 1e6
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+        for d in scratch:
+            d.rmdir()
+
+
+def lookup(mode: str, count: int) -> float:
+    """µs per tracker.cgroup_of of a process in a non-root cgroup."""
+    h = Hierarchy({"sgx_epc": 1 << 20})
+    tracker = MirrorTracker(h, Mirror()) if mode == "cgroup" else EventTracker(h)
+    sleeper = subprocess.Popen(["sleep", "600"])
+    try:
+        tracker.attach(sleeper.pid, tracker.mkdir(h.root, "a"), Caller(os.getpid(), 0, 0))
+        start = time.perf_counter()
+        for _ in range(count):
+            tracker.cgroup_of(sleeper.pid)
+        return (time.perf_counter() - start) / count * 1e6
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+        tracker.close()
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--count", type=int, default=2000)
@@ -100,6 +149,9 @@ def main() -> None:
                 daemon.send_signal(signal.SIGTERM)
                 daemon.wait(30)
         print(f"| {mode} | {write:.0f} | {connect:.0f} |")
+    print(f"\nkernel cgroup2 move alone: {kernel_move(args.count):.0f} µs")
+    for mode in ("cgroup", "events"):
+        print(f"{mode} tracker, one pid's cgroup_of: {lookup(mode, args.count):.1f} µs")
 
 
 if __name__ == "__main__":
