@@ -6,6 +6,7 @@ them, and their enclaves are charged there."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import itertools
 import os
 import signal
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from .util import pids, read, sh, wait_for, write
+from .util import errno_of, pids, read, sh, wait_for, write
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (FUSE, cgroups)")
 
@@ -90,6 +91,10 @@ def test_double_forked_children_stay_one_by_one(mounted, marker):
     assert sh(double_forks(w, 40, marker)).ok
     wait_for(lambda: len(marked(marker)) == 40, what="40 sleeps")
     assert pids(w) == marked(marker)
+    assert errno_of(os.rmdir, w) == errno.EBUSY  # they keep it populated
+    for pid in marked(marker):
+        os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: errno_of(os.rmdir, w) == 0, what="rmdir once they are gone")
 
 
 def test_a_burst_of_orphans_all_stay(mounted, marker):
