@@ -138,7 +138,8 @@ class EventTracker(ProcessTracker):
             return
         now = time.monotonic()
         for parent, child in self.forks.drain():
-            self.gone.pop(child, None)  # a reused pid: a new process now
+            if self.gone.pop(child, None) is not None:  # a reused pid: a new process
+                self.killed.discard(child)
             self._forked(parent, child, now)
         if self.forks.lost:
             self.forks.lost = False
