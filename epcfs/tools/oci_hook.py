@@ -28,7 +28,7 @@ import os
 import sys
 import time
 
-from ..namespace import (
+from ..host.mountns import (
     AT_FDCWD,
     CGROUP_ROOT,
     CLONE_NEWNS,
@@ -62,7 +62,7 @@ the same point (mounts made, before pivot_root, in the runtime's namespaces)."""
 REMOVE_TIMEOUT = 10.0
 """Seconds poststop waits for killed members to leave (rmdir's EBUSY) on a loaded host."""
 
-# Kernel ABI for the parts namespace.py does not define: mounting into another
+# Kernel ABI for the parts host/mountns.py does not define: mounting into another
 # process's mount namespace by file descriptor (move_mount with both paths empty) and
 # making the new mount read-only before it is attached (mount_setattr).
 SYS_MOUNT_SETATTR = 442
