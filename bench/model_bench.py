@@ -129,7 +129,7 @@ def rates_table(seconds: float) -> None:
         while time.perf_counter() < deadline:
             for _ in range(256):
                 while sgx.fault(encl, PID, i) is Fault.RETRY:
-                    sgx.ksgxd_step()
+                    sgx.ksgxd()
                 i = TEST_ENCL_PAGES + (i + 7919 - TEST_ENCL_PAGES) % (encl.nr_pages - 10)
 
     rate(f"enclave touching a 2x-oversubscribed heap, {human(capacity)} EPC", sgx, storm)

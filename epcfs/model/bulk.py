@@ -72,12 +72,13 @@ class BulkLoader:
     epc: Epc
     encls: Counter[str]
     _ksgxd_wake: bool
-    stepwise_reclaim: bool
 
     def _bulk_add(self, encl: Enclave, pid: int, css: MiscCss, first: int, n: int,
-                  measured: bool, ptype: SgxPageType, pref: list[int]) -> int:
+                  measured: bool, ptype: SgxPageType, pref: list[int], *,
+                  rounds: bool) -> int:
         """Add up to n absent pages from `first` in one step; returns how many (0: the
-        page-by-page path must take the next page)."""
+        page-by-page path must take the next page). Only with `rounds` (no other task
+        runs between the caller's steps) may the step include try_charge rounds."""
         cap = self.h.misc.capacity[SGX_EPC] // PAGE_SIZE
         chain = list(css.ancestors())
         usage = [level.res[SGX_EPC].usage // PAGE_SIZE for level in chain]
@@ -93,7 +94,7 @@ class BulkLoader:
             return pages + va_pages_for(c0, pages)
 
         k_max = 0
-        if free >= headroom and allocs(n) > headroom and not self.stepwise_reclaim:
+        if rounds and free >= headroom and allocs(n) > headroom:
             k_max = self._rounds_possible(css, pid, rounds_for(allocs(n), headroom))
         budget = headroom + SGX_NR_TO_SCAN * k_max if k_max else min(headroom, free)
         lo, hi = 0, n  # the most pages whose allocations fit the budget

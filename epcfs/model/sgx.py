@@ -26,17 +26,19 @@ from enum import Enum
 from .bulk import BulkLoader
 from .cgroup import Hierarchy
 from .constants import (
+    ADD_CHUNK,
     PAGE_SIZE,
     SGX_EEXTENDS_PER_PAGE,
     SGX_EPC,
-    SGX_NR_TO_SCAN,
     SGX_VA_SLOT_COUNT,
     SgxPageType,
 )
 from .enclave import Enclave, Vepc
+from .engine import ALONE, WAIT, Steps, operation
+from .engine import run as run_steps
 from .epc import Epc
 from .epc_cgroup import epc_cg, forget_css, lru_empty
-from .errors import Blocked, KernelError, NeedReclaim
+from .errors import Blocked, KernelError
 from .invariants import Invariants
 from .memory import MemCss
 from .misc import MiscCss
@@ -66,16 +68,12 @@ class Sgx(Reclaimer, BulkLoader, Invariants):
     """
 
     def __init__(self, hierarchy: Hierarchy, sections: list[tuple[int, int]], *,
-                 bulk: bool = True, stepwise_reclaim: bool = False) -> None:
+                 bulk: bool = True) -> None:
         self.h = hierarchy
         self.epc = Epc(sections)
         hierarchy.misc.capacity[SGX_EPC] = self.epc.total_pages * PAGE_SIZE
         hierarchy.misc_release_hooks.append(self._css_freed)
         self.bulk = bulk
-        self.stepwise_reclaim = stepwise_reclaim
-        """The service's mode: the reclaim-allowed paths raise NeedReclaim instead of
-        reclaiming inside the call, so the rounds take time and other tasks run in
-        between (the bulk path then takes only pages that fit without a round)."""
         self.encls: Counter[str] = Counter()
         """Cumulative count of ENCLS (and EACCEPT, EPA) leaves performed, by name."""
         self.enclaves: dict[int, Enclave] = {}
@@ -120,34 +118,34 @@ class Sgx(Reclaimer, BulkLoader, Invariants):
 
     # -- allocation: sgx_alloc_epc_page ----------------------------------------------
 
-    def _alloc(self, css: MiscCss, pid: int, reclaim: bool, pref: list[int]) -> int:
-        """Charge css one page and take a free page; returns its node.
+    def _alloc(self, css: MiscCss, pid: int, reclaim: bool, pref: list[int]) -> Steps[int]:
+        """sgx_alloc_epc_page: charge css one page and take a free page; returns its node.
 
-        KernelError(ENOMEM) when nothing is reclaimable, EBUSY on the no-reclaim path;
-        Blocked when reclaim made no progress because backing charges failed."""
-        self._charge(css, pid, reclaim)
-        while True:
-            nid = self.epc.take_one(pref)
-            if nid is not None:
-                break
-            err = None
-            if not self.can_reclaim_global():
-                err = KernelError(errno.ENOMEM, "no free EPC page and nothing reclaimable")
-            elif not reclaim:
-                err = KernelError(errno.EBUSY, "no free EPC page")
-            elif self.stepwise_reclaim:
-                err = NeedReclaim(self.h.root.misc, pid, SGX_NR_TO_SCAN)
-            else:
-                done = self.reclaim_global(pid)
+        KernelError(ENOMEM) when nothing is reclaimable, EBUSY on the no-reclaim path (a
+        no-reclaim allocation never yields: run it with `run`). With reclaim, a failed
+        charge or an empty free list runs a synchronous round; a round that freed nothing
+        because backing charges failed waits (WAIT) for the OOM victim, as the kernel
+        spins in cond_resched. Whatever way it fails, the charge is given back."""
+        yield from self._charge(css, pid, reclaim)
+        try:
+            while True:
+                nid = self.epc.take_one(pref)
+                if nid is not None:
+                    break
+                if not self.can_reclaim_global():
+                    raise KernelError(errno.ENOMEM, "no free EPC page and nothing reclaimable")
+                if not reclaim:
+                    raise KernelError(errno.EBUSY, "no free EPC page")
+                done = yield from self.reclaim_global.steps(pid)
                 if not done.freed and done.failed:
-                    err = Blocked()
-            if err is not None:
-                self.h.misc_uncharge(SGX_EPC, css, PAGE_SIZE)
-                raise err
+                    yield WAIT
+        except BaseException:  # KernelError, Blocked, or the caller went away
+            self.h.misc_uncharge(SGX_EPC, css, PAGE_SIZE)
+            raise
         self._maybe_wake_ksgxd()
         return nid
 
-    def _charge(self, css: MiscCss, pid: int, reclaim: bool) -> None:
+    def _charge(self, css: MiscCss, pid: int, reclaim: bool) -> Steps[None]:
         """sgx_cgroup_try_charge: retry with synchronous reclaim of css's subtree."""
         while True:
             try:
@@ -160,11 +158,9 @@ class Sgx(Reclaimer, BulkLoader, Invariants):
             if not reclaim:
                 self.queue_work(css)
                 raise KernelError(errno.EBUSY, f"{css.cgroup.path} at its EPC limit")
-            if self.stepwise_reclaim:
-                raise NeedReclaim(css, pid, 1)
-            done = self.cgroup_reclaim_pages(css, pid, 1)
+            done = yield from self.cgroup_reclaim_pages.steps(css, pid, 1)
             if not done.freed and done.failed:
-                raise Blocked()
+                yield WAIT
 
     @contextlib.contextmanager
     def _given_back_on_failure(self, nid: int, css: MiscCss) -> Iterator[None]:
@@ -176,7 +172,7 @@ class Sgx(Reclaimer, BulkLoader, Invariants):
         except KernelError:
             self._free_epc(nid, css, 1, eremove=True)
             raise
-        except Blocked:
+        except (Blocked, GeneratorExit):
             self._free_epc(nid, css, 1, eremove=False)
             raise
 
@@ -186,10 +182,10 @@ class Sgx(Reclaimer, BulkLoader, Invariants):
         encl.va_pages += 1
 
     def _grow(self, encl: Enclave, css: MiscCss, pid: int, reclaim: bool,
-              pref: list[int]) -> None:
+              pref: list[int]) -> Steps[None]:
         """sgx_encl_grow: a new VA page when page_cnt is a multiple of 512, then page_cnt+1."""
         if encl.page_cnt % SGX_VA_SLOT_COUNT == 0:
-            self._add_va(encl, self._alloc(css, pid, reclaim, pref), css)
+            self._add_va(encl, (yield from self._alloc(css, pid, reclaim, pref)), css)
         encl.page_cnt += 1
 
     def _insert_resident(self, encl: Enclave, run: Run) -> None:
@@ -201,7 +197,8 @@ class Sgx(Reclaimer, BulkLoader, Invariants):
 
     # -- enclave build -----------------------------------------------------------------
 
-    def create(self, pid: int, size_bytes: int, node: int | None = None) -> Enclave:
+    @operation
+    def create(self, pid: int, size_bytes: int, node: int | None = None) -> Steps[Enclave]:
         """SGX_IOC_ENCLAVE_CREATE: the first VA page, then the SECS (ECREATE).
 
         EINVAL unless the size is a power of two of at least a page."""
@@ -210,19 +207,20 @@ class Sgx(Reclaimer, BulkLoader, Invariants):
         css = self.h.misc_of(pid)
         pref = self.epc.preference(node)
         encl = Enclave(self._next_id, pid, size_bytes // PAGE_SIZE)
-        self._grow(encl, css, pid, True, pref)
+        yield from self._grow(encl, css, pid, True, pref)
         ((va_node, _),) = encl.va
         with self._given_back_on_failure(va_node, css):
-            encl.secs_node = self._alloc(css, pid, True, pref)
+            encl.secs_node = yield from self._alloc(css, pid, True, pref)
         encl.secs_css = css
         self.encls["ECREATE"] += 1
         self._next_id += 1
         self.enclaves[encl.id] = encl
         return encl
 
+    @operation
     def add_pages(self, encl: Enclave, pid: int, offset_pages: int, count: int,
                   measured: bool, page_type: SgxPageType = SgxPageType.REG,
-                  node: int | None = None) -> int:
+                  node: int | None = None) -> Steps[int]:
         """SGX_IOC_ENCLAVE_ADD_PAGES for `count` pages from `offset_pages`, in order.
 
         Per page: the EPC page (reclaim allowed), then a VA page when due, EADD, 16
@@ -233,9 +231,11 @@ class Sgx(Reclaimer, BulkLoader, Invariants):
         gives the pages back), ENOMEM. Blocked likewise carries `count`.
 
         Where nothing but steady reclaim happens the pages go in bulk (bulk.py), so a
-        call costs O(runs touched), not O(pages); the service should still call it in
-        chunks so other tasks get to run in between.
+        call costs O(runs touched), not O(pages). A step adds at most ADD_CHUNK pages, or
+        one page with the reclaim rounds its charge needed (each batch a step of its
+        own); only a driver running the call ALONE lets bulk fold rounds into its step.
         """
+        alone = (yield) is ALONE
         self._check_live(encl)
         if encl.initialized or count < 1 or offset_pages < 0 or \
                 offset_pages + count > encl.size_pages:
@@ -252,27 +252,27 @@ class Sgx(Reclaimer, BulkLoader, Invariants):
                 raise KernelError(errno.EBUSY, f"page {i} already added", count=done)
             if self.bulk:
                 room = count - done if nxt is None else min(count - done, nxt - i)
-                n = self._bulk_add(encl, pid, css, i, room, measured, page_type, pref)
+                n = self._bulk_add(encl, pid, css, i, min(room, ADD_CHUNK), measured,
+                                   page_type, pref, rounds=alone)
                 if n:
                     done += n
+                    yield
                     continue
             try:
-                self._add_one(encl, pid, css, i, measured, page_type, pref)
-            except KernelError as e:
-                e.count = done
-                raise
-            except Blocked as e:
+                yield from self._add_one(encl, pid, css, i, measured, page_type, pref)
+            except (KernelError, Blocked) as e:
                 e.count = done
                 raise
             done += 1
+            yield
         return done
 
     def _add_one(self, encl: Enclave, pid: int, css: MiscCss, i: int, measured: bool,
-                 page_type: SgxPageType, pref: list[int]) -> None:
+                 page_type: SgxPageType, pref: list[int]) -> Steps[None]:
         """sgx_encl_add_page: EPC page first, then grow (maybe a VA page), then EADD."""
-        nid = self._alloc(css, pid, True, pref)
+        nid = yield from self._alloc(css, pid, True, pref)
         with self._given_back_on_failure(nid, css):
-            self._grow(encl, css, pid, True, pref)
+            yield from self._grow(encl, css, pid, True, pref)
         self.encls["EADD"] += 1
         if measured:
             self.encls["EEXTEND"] += SGX_EEXTENDS_PER_PAGE
@@ -334,7 +334,7 @@ class Sgx(Reclaimer, BulkLoader, Invariants):
         cannot be had, the SECS stays loaded, as in the kernel."""
         css = self.h.misc_of(pid)
         self._load_secs(encl, css, pid, pref)
-        nid = self._alloc(css, pid, False, pref)
+        nid = run_steps(self._alloc(css, pid, False, pref))
         self.encls["ELDU"] += 1
         pages = encl.pages
         pages.cut(i)
@@ -351,7 +351,7 @@ class Sgx(Reclaimer, BulkLoader, Invariants):
         """sgx_encl_load_secs: ELDU the SECS (no reclaim) if it was written back."""
         if encl.secs_css is not None:
             return
-        nid = self._alloc(css, pid, False, pref)
+        nid = run_steps(self._alloc(css, pid, False, pref))
         self.encls["ELDU"] += 1
         encl.secs_node, encl.secs_css = nid, css
         self._leave_backing(encl, encl.secs_index, encl.secs_memcg)
@@ -377,9 +377,9 @@ class Sgx(Reclaimer, BulkLoader, Invariants):
         pref = self.epc.preference(node)
         try:
             self._load_secs(encl, css, pid, pref)
-            nid = self._alloc(css, pid, False, pref)
+            nid = run_steps(self._alloc(css, pid, False, pref))
             try:
-                self._grow(encl, css, pid, False, pref)
+                run_steps(self._grow(encl, css, pid, False, pref))
             except KernelError:
                 self._free_epc(nid, css, 1, eremove=True)
                 raise
@@ -403,19 +403,17 @@ class Sgx(Reclaimer, BulkLoader, Invariants):
             raise KernelError(errno.EINVAL, "range outside the enclave")
 
     def _edmm_each(self, encl: Enclave, pid: int, first: int, count: int,
-                   node: int | None, direct_reclaim: bool,
-                   page: Callable[[int, Run], None]) -> int:
+                   node: int | None, page: Callable[[int, Run], None]) -> Steps[int]:
         """The loop of every EDMM ioctl: check the range, then per page direct reclaim,
         sgx_encl_load_page (ELDU on the no-reclaim path; EBUSY becomes EAGAIN, any other
-        failure EFAULT) and `page(i, run)`. A failure carries the pages done as `count`,
-        which the ioctls report back; success returns `count`."""
+        failure EFAULT) and `page(i, run)`, a step each. A failure carries the pages done
+        as `count`, which the ioctls report back; success returns `count`."""
         self.check_edmm(encl, first, count)
         pref = self.epc.preference(node)
         for c in range(count):
             i = first + c
             try:
-                if direct_reclaim:
-                    self.reclaim_direct(pid)
+                yield from self.reclaim_direct.steps(pid)
                 run = encl.pages.get(i)
                 if run is None:
                     raise KernelError(errno.EFAULT, f"no page {i}")
@@ -430,6 +428,7 @@ class Sgx(Reclaimer, BulkLoader, Invariants):
             except KernelError as e:
                 e.count = c
                 raise
+            yield
         return count
 
     def _set_page(self, encl: Enclave, i: int, **attrs) -> None:
@@ -441,14 +440,13 @@ class Sgx(Reclaimer, BulkLoader, Invariants):
             setattr(pages.runs[k], name, value)
         pages.merge_at(k)
 
+    @operation
     def restrict_permissions(self, encl: Enclave, pid: int, first: int, count: int,
-                             node: int | None = None, *, direct_reclaim: bool = True) -> int:
+                             node: int | None = None) -> Steps[int]:
         """SGX_IOC_ENCLAVE_RESTRICT_PERMISSIONS: EMODPR + ETRACK per page. EINVAL on a
         non-REG page (TCS permissions cannot be restricted). Returns pages done; errors
         carry `count`. Permission bits themselves are the enclave server's business.
-
-        Like every EDMM ioctl it runs sgx_reclaim_direct before each page; a caller that
-        runs reclaim_direct(pid) itself as a separate step passes direct_reclaim=False."""
+        Like every EDMM ioctl it runs sgx_reclaim_direct before each page."""
 
         def page(i: int, run: Run) -> None:
             if run.ptype != SgxPageType.REG:
@@ -456,11 +454,11 @@ class Sgx(Reclaimer, BulkLoader, Invariants):
             self.encls["EMODPR"] += 1
             self.encls["ETRACK"] += 1
 
-        return self._edmm_each(encl, pid, first, count, node, direct_reclaim, page)
+        return (yield from self._edmm_each(encl, pid, first, count, node, page))
 
+    @operation
     def modify_types(self, encl: Enclave, pid: int, first: int, count: int,
-                     page_type: SgxPageType, node: int | None = None, *,
-                     direct_reclaim: bool = True) -> int:
+                     page_type: SgxPageType, node: int | None = None) -> Steps[int]:
         """SGX_IOC_ENCLAVE_MODIFY_TYPES to TCS or TRIM: EMODT + ETRACK per page.
 
         REG → TCS or TRIM, TCS → TRIM; anything else EINVAL. REG → TCS unmarks the page
@@ -484,7 +482,7 @@ class Sgx(Reclaimer, BulkLoader, Invariants):
             self.encls["ETRACK"] += 1
             self._set_page(encl, i, ptype=page_type, accepted=False)
 
-        return self._edmm_each(encl, pid, first, count, node, direct_reclaim, page)
+        return (yield from self._edmm_each(encl, pid, first, count, node, page))
 
     def _requeue(self, encl: Enclave, i: int) -> None:
         """Unmark then mark page i reclaimable again: it moves to its LRU's tail."""
@@ -513,8 +511,9 @@ class Sgx(Reclaimer, BulkLoader, Invariants):
         self.encls["EACCEPT"] += present
         return present
 
+    @operation
     def remove_pages(self, encl: Enclave, pid: int, first: int, count: int,
-                     node: int | None = None, *, direct_reclaim: bool = True) -> int:
+                     node: int | None = None) -> Steps[int]:
         """SGX_IOC_ENCLAVE_REMOVE_PAGES: only TRIM pages the enclave has EACCEPTed
         (else EPERM: the kernel's EMODPR probe tells); a page the reclaimer holds gives
         EBUSY. Each page is EREMOVEd and freed; VA pages stay (page_cnt shrinks)."""
@@ -539,7 +538,7 @@ class Sgx(Reclaimer, BulkLoader, Invariants):
             encl.nr_pages -= 1
             encl.page_cnt -= 1
 
-        return self._edmm_each(encl, pid, first, count, node, direct_reclaim, page)
+        return (yield from self._edmm_each(encl, pid, first, count, node, page))
 
     # -- release -------------------------------------------------------------------------
 
@@ -602,7 +601,7 @@ class Sgx(Reclaimer, BulkLoader, Invariants):
             return Fault.OK
         css = self.h.misc_of(pid)
         try:
-            nid = self._alloc(css, pid, False, self.epc.preference(node))
+            nid = run_steps(self._alloc(css, pid, False, self.epc.preference(node)))
         except KernelError as e:
             return Fault.RETRY if e.errno == errno.EBUSY else Fault.SIGBUS
         k = vepc.pages.insert(Run(page_index, page_index + 1, RunState.VEPC, None,

@@ -1,18 +1,17 @@
 """The reclaimers as trio tasks: ksgxd and the per-cgroup async work items.
 
-The model decides what to reclaim; these tasks decide when, and run each batch as its
-three steps (isolate → write back → free) with their cost in time between them, so
-enclave operations, releases and file reads interleave with reclaim as on a real
-machine, where ksgxd and the sgx_cg_wq workers run on other CPUs.
+The model's engine has their loops (Sgx.ksgxd, Sgx.work_item); these tasks decide when
+to run them and drive them through the Stepper, each batch's steps (isolate → write
+back → free) with their cost in time between them, so enclave operations, releases and
+file reads interleave with reclaim as on a real machine, where ksgxd and the sgx_cg_wq
+workers run on other CPUs.
 """
 
 from __future__ import annotations
 
 import trio
 
-from ..model.constants import SGX_NR_TO_SCAN
 from ..model.misc import MiscCss
-from ..model.reclaim import Round
 from ..model.sgx import Sgx
 from .steps import Stepper
 
@@ -56,27 +55,11 @@ class Reclaimers:
         while True:
             await self.ksgxd_wake.wait()
             self.ksgxd_wake = trio.Event()
-            while self.sgx.should_wake_ksgxd():
-                await self.round(self.sgx.h.root.misc, SGX_NR_TO_SCAN)
+            await self.steps.drive("ksgxd", self.sgx.ksgxd.steps(), css=self.sgx.h.root.misc)
 
     async def work_item(self, css: MiscCss) -> None:
         """sgx_cgroup_reclaim_work_func: rounds while the cgroup is near its limit."""
         try:
-            while self.sgx.work_pending(css):
-                await self.round(css, SGX_NR_TO_SCAN)
+            await self.steps.drive("work_item", self.sgx.work_item.steps(css), css=css)
         finally:
             self.running.discard(css)
-
-    async def round(self, root: MiscCss, nr_to_scan: int, charge_pid: int | None = None,
-                    ) -> Round:
-        """sgx_cgroup_reclaim_pages: batches over root's subtree in the fairness
-        iterator's order until nr_to_scan pages were scanned. `charge_pid` is the task
-        reclaiming synchronously (its memcg pays for the backing store); None for ksgxd
-        and the work items."""
-        done = Round()
-        while done.scanned < nr_to_scan and not self.sgx.lru_empty(root):
-            batch = await self.steps.run(self.sgx.isolate, self.sgx.next_cg(root), charge_pid)
-            await self.steps.run(self.sgx.writeback, batch)
-            await self.steps.run(self.sgx.free_batch, batch)
-            done.add(batch)
-        return done

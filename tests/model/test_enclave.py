@@ -117,7 +117,7 @@ def test_fault_loads_an_evicted_page_without_reclaim(env):
     assert sgx.fault(encl, PID, 0) is Fault.RETRY  # EBUSY: at the limit, no reclaim here
     assert cg.misc in sgx.async_work and sgx.should_reclaim(cg.misc)
     while sgx.async_work:
-        sgx.async_step(cg.misc)
+        sgx.work_item(cg.misc)
     assert usage_pages(cg) < 64
     memory = cg.memory.usage
     assert sgx.fault(encl, PID, 0) is Fault.OK

@@ -337,10 +337,10 @@ class EpcMachine(RuleBasedStateMachine):
             self.sgx.reclaim_global(pid)
         elif which == "ksgxd":
             self.sgx.take_ksgxd_wakeup()
-            self.sgx.ksgxd_step()
+            self.sgx.ksgxd()
         elif which == "async":
             for css in list(self.sgx.async_work):
-                self.sgx.async_step(css)
+                self.sgx.work_item(css)
         else:
             self.sgx.reclaim_direct(pid)
 

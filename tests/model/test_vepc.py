@@ -38,6 +38,6 @@ def test_enomem_is_sigbus_and_ebusy_is_retry():
     sgx.add_pages(encl, VMM, 0, 35, False)
     assert sgx.vepc_fault(vepc, VMM, 3) is Fault.RETRY  # an LRU page exists: EBUSY
     assert list(sgx.async_work) == [cg.misc]
-    sgx.async_step(cg.misc)
+    sgx.work_item(cg.misc)
     assert sgx.vepc_fault(vepc, VMM, 3) is Fault.OK
     sgx.check_invariants()

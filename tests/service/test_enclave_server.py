@@ -48,12 +48,11 @@ class Rig:
     def __init__(self, path: str, capacity: int, scale: float) -> None:
         self.h = Hierarchy()
         self.sections = [(0, capacity)]
-        self.sgx = Sgx(self.h, self.sections, stepwise_reclaim=True)
+        self.sgx = Sgx(self.h, self.sections)
         self.tracker = StubTracker(self.h)
         self.steps = Stepper(self.sgx, self.tracker, scale)
         self.reclaimers = Reclaimers(self.sgx, self.steps)
-        self.server = EnclaveServer(self.sgx, self.tracker, self.sections, self.steps,
-                                    self.reclaimers)
+        self.server = EnclaveServer(self.sgx, self.tracker, self.sections, self.steps)
         self.path = path
 
     async def start(self, nursery: trio.Nursery, *, sanitize: bool = True) -> None:
