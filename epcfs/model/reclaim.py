@@ -407,7 +407,7 @@ class Reclaimer:
             last = yield from self.cgroup_reclaim_pages.steps(css, None, SGX_NR_TO_SCAN)
             done.merge(last)
             if not last.freed and last.failed:
-                del self.async_work[css]
+                self.async_work.pop(css, None)  # (the css may have gone meanwhile)
                 break
         return done
 

@@ -4,7 +4,7 @@ guest as SIGBUS, EBUSY as a retry (kernel-facts §3, error outcomes)."""
 from epcfs.model import Fault
 from epcfs.model.constants import PAGE_SIZE
 
-from .helpers import cgroup, make_sgx, usage_pages
+from .helpers import MiB, cgroup, full_epc_with_one_reclaimable_page, make_sgx, usage_pages
 
 VMM = 300
 
@@ -40,4 +40,37 @@ def test_enomem_is_sigbus_and_ebusy_is_retry():
     assert list(sgx.async_work) == [cg.misc]
     sgx.work_item(cg.misc)
     assert sgx.vepc_fault(vepc, VMM, 3) is Fault.OK
+    sgx.check_invariants()
+
+
+def test_vepc_fault_retries_while_nothing_can_reclaim_for_it():
+    """Issue 10 item 5, the kernel's behaviour: the charge fails at capacity, the
+    caller's subtree has a reclaimable page, so the no-reclaim path queues the cgroup's
+    work item and answers EBUSY (VM_FAULT_RETRY). The work item reclaims only near a
+    misc.max, and the root has none; ksgxd is woken only by an allocation that gets
+    past its charge. So the fault keeps retrying until another task changes something:
+    here the enclave's release."""
+    h, sgx = make_sgx((0, MiB))
+    encl, vepc = full_epc_with_one_reclaimable_page(h, sgx, VMM)
+    for _ in range(3):
+        assert sgx.vepc_fault(vepc, VMM, vepc.nr_pages) is Fault.RETRY
+        assert list(sgx.async_work) == [h.root.misc]
+        assert not sgx.work_item(h.root.misc).scanned and not sgx.async_work
+        assert not sgx.take_ksgxd_wakeup()
+    sgx.check_invariants()
+    sgx.release(encl)
+    assert sgx.vepc_fault(vepc, VMM, vepc.nr_pages) is Fault.OK
+    sgx.check_invariants()
+
+
+def test_a_reclaiming_allocation_ends_the_retrying():
+    """Any allocation allowed to reclaim (another task's ioctl) takes the page off the
+    LRU synchronously, and the SECS follows its last child: the new enclave gets both
+    pages. Then nothing is reclaimable and the retrying fault gets SIGBUS (ENOMEM)."""
+    h, sgx = make_sgx((0, MiB))
+    encl, vepc = full_epc_with_one_reclaimable_page(h, sgx, VMM)
+    assert sgx.vepc_fault(vepc, VMM, vepc.nr_pages) is Fault.RETRY
+    sgx.create(VMM + 1, 1 << 20)
+    assert sgx.lru_pages(h.root.misc) == 0 and encl.nr_evicted == 1
+    assert sgx.vepc_fault(vepc, VMM, vepc.nr_pages) is Fault.SIGBUS
     sgx.check_invariants()
