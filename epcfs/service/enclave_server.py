@@ -237,7 +237,7 @@ def _edmm(method: str, *extra: str) -> Handler:
         encl = _enclave(conn)
         first, count = int(req["offset"]), int(req["count"])
         args = [SgxPageType(int(req[name])) for name in extra]
-        done = await srv.operation(conn, method, getattr(srv.sgx, method).steps(
+        done = await srv.operation(conn, method, getattr(srv.sgx.edmm, method).steps(
             encl, conn.pid, first, count, *args))
         return {"ok": True, "count": done}
 
@@ -253,7 +253,7 @@ async def _accept(srv: EnclaveServer, conn: Connection, req: dict) -> dict:
         if bus:
             return bus
         try:
-            await srv.step(conn, srv.sgx.accept, encl, first + c, 1)
+            await srv.step(conn, srv.sgx.edmm.accept, encl, first + c, 1)
         except KernelError as e:
             return {"errno": e.errno, "count": c}
     return {"ok": True, "count": count}

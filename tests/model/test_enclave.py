@@ -184,28 +184,28 @@ def test_edmm_trim_accept_remove(env):
     sgx.add_pages(encl, PID, 0, 2, True, SgxPageType.TCS)
     sgx.add_pages(encl, PID, 2, 30, False)
     with pytest.raises(KernelError) as e:
-        sgx.modify_types(encl, PID, 2, 4, SgxPageType.TRIM)
+        sgx.edmm.modify_types(encl, PID, 2, 4, SgxPageType.TRIM)
     assert e.value.errno == errno.EINVAL  # not initialized
     sgx.init(encl)
     with pytest.raises(KernelError) as e:
-        sgx.remove_pages(encl, PID, 2, 4)
+        sgx.edmm.remove_pages(encl, PID, 2, 4)
     assert (e.value.errno, e.value.count) == (errno.EPERM, 0)  # not trimmed
-    assert sgx.modify_types(encl, PID, 0, 10, SgxPageType.TRIM) == 10
+    assert sgx.edmm.modify_types(encl, PID, 0, 10, SgxPageType.TRIM) == 10
     with pytest.raises(KernelError) as e:
-        sgx.remove_pages(encl, PID, 0, 10)
+        sgx.edmm.remove_pages(encl, PID, 0, 10)
     assert (e.value.errno, e.value.count) == (errno.EPERM, 0)  # not EACCEPTed
-    assert sgx.accept(encl, 0, 6) == 6
+    assert sgx.edmm.accept(encl, 0, 6) == 6
     before = usage_pages(cg)
     va = encl.va_pages
     with pytest.raises(KernelError) as e:
-        sgx.remove_pages(encl, PID, 0, 10)
+        sgx.edmm.remove_pages(encl, PID, 0, 10)
     assert (e.value.errno, e.value.count) == (errno.EPERM, 6)  # the first 6 went
-    assert sgx.accept(encl, 6, 4) == 4
-    assert sgx.remove_pages(encl, PID, 6, 4) == 4
+    assert sgx.edmm.accept(encl, 6, 4) == 4
+    assert sgx.edmm.remove_pages(encl, PID, 6, 4) == 4
     assert usage_pages(cg) == before - 10 and encl.va_pages == va
     assert encl.page_cnt == 1 + 22 and encl.nr_pages == 22
     with pytest.raises(KernelError) as e:
-        sgx.remove_pages(encl, PID, 0, 1)
+        sgx.edmm.remove_pages(encl, PID, 0, 1)
     assert e.value.errno == errno.EFAULT  # gone
     sgx.check_invariants()
 
@@ -220,18 +220,18 @@ def test_edmm_type_rules(env):
                        ((1, 1, SgxPageType.REG), errno.EINVAL),
                        ((60, 10, SgxPageType.TRIM), errno.EINVAL)):
         with pytest.raises(KernelError) as e:
-            sgx.modify_types(encl, PID, *args)
+            sgx.edmm.modify_types(encl, PID, *args)
         assert e.value.errno == code
     with pytest.raises(KernelError) as e:
-        sgx.restrict_permissions(encl, PID, 0, 2)
+        sgx.edmm.restrict_permissions(encl, PID, 0, 2)
     assert e.value.errno == errno.EINVAL  # TCS permissions cannot be restricted
-    assert sgx.restrict_permissions(encl, PID, 1, 9) == 9
+    assert sgx.edmm.restrict_permissions(encl, PID, 1, 9) == 9
     assert sgx.encls["EMODPR"] == 9 and sgx.encls["ETRACK"] == 9
     head = sgx.lru_pages(cg.misc)
-    sgx.modify_types(encl, PID, 1, 1, SgxPageType.TCS)
+    sgx.edmm.modify_types(encl, PID, 1, 1, SgxPageType.TCS)
     lru = list(cg.misc.epc.lru)
     assert lru[-1].start == 1 and len(lru[-1]) == 1 and sgx.lru_pages(cg.misc) == head
-    sgx.modify_types(encl, PID, 0, 2, SgxPageType.TRIM)  # TCS → TRIM is allowed
+    sgx.edmm.modify_types(encl, PID, 0, 2, SgxPageType.TRIM)  # TCS → TRIM is allowed
     sgx.check_invariants()
 
 
@@ -241,17 +241,17 @@ def test_edmm_on_pages_held_by_the_reclaimer(env):
     sgx.add_pages(encl, PID, 0, 20, False)
     sgx.init(encl)
     batch = sgx.isolate(cg.misc, None)  # pages 0..15
-    sgx.modify_types(encl, PID, 18, 1, SgxPageType.TRIM)
-    sgx.accept(encl, 18, 1)
+    sgx.edmm.modify_types(encl, PID, 18, 1, SgxPageType.TRIM)
+    sgx.edmm.accept(encl, 18, 1)
     with pytest.raises(KernelError) as e:
-        sgx.modify_types(encl, PID, 2, 1, SgxPageType.TCS)
+        sgx.edmm.modify_types(encl, PID, 2, 1, SgxPageType.TCS)
     assert e.value.errno == errno.EAGAIN
-    sgx.modify_types(encl, PID, 3, 1, SgxPageType.TRIM)  # no unmark needed
-    sgx.accept(encl, 3, 1)
+    sgx.edmm.modify_types(encl, PID, 3, 1, SgxPageType.TRIM)  # no unmark needed
+    sgx.edmm.accept(encl, 3, 1)
     with pytest.raises(KernelError) as e:
-        sgx.remove_pages(encl, PID, 3, 1)
+        sgx.edmm.remove_pages(encl, PID, 3, 1)
     assert e.value.errno == errno.EBUSY
-    assert sgx.remove_pages(encl, PID, 18, 1) == 1
+    assert sgx.edmm.remove_pages(encl, PID, 18, 1) == 1
     assert sgx.fault(encl, PID, 4) is Fault.OK  # served from the isolated page...
     sgx.writeback(batch)
     assert encl.pages.get(4).state is RunState.LRU  # ...so the age check kept it
@@ -264,7 +264,7 @@ def test_edmm_runs_direct_reclaim_first(env):
     encl = _loaded(sgx, cg, 300, 200)
     assert usage_pages(cg) >= 200 - 32 and sgx.should_reclaim(cg.misc)  # limit > 128: -32
     before, usage = sgx.encls["EWB"], usage_pages(cg)
-    sgx.restrict_permissions(encl, PID, encl.nr_pages - 1, 1)  # a resident page
+    sgx.edmm.restrict_permissions(encl, PID, encl.nr_pages - 1, 1)  # a resident page
     assert sgx.encls["EWB"] == before + 16 and usage_pages(cg) == usage - 16
     sgx.check_invariants()
 
@@ -283,14 +283,14 @@ def test_edmm_load_is_no_reclaim_eagain_or_efault():
         i += 1
     assert usage_pages(parent) == 60 and not sgx.should_reclaim(a.misc)
     with pytest.raises(KernelError) as e:  # no direct reclaim for a, the charge fails on p
-        sgx.modify_types(encl, PID, 0, 1, SgxPageType.TRIM)
+        sgx.edmm.modify_types(encl, PID, 0, 1, SgxPageType.TRIM)
     assert e.value.errno == errno.EAGAIN
     evict_all(sgx, a.misc)
     while sgx.vepc_fault(vepc, 200, i) is Fault.OK:
         i += 1
     assert usage_pages(parent) == 60 and not sgx.lru_pages(a.misc)
     with pytest.raises(KernelError) as e:  # nothing reclaimable under a: ENOMEM
-        sgx.modify_types(encl, PID, 0, 1, SgxPageType.TRIM)
+        sgx.edmm.modify_types(encl, PID, 0, 1, SgxPageType.TRIM)
     assert e.value.errno == errno.EFAULT
     sgx.check_invariants()
 

@@ -286,15 +286,15 @@ class EpcMachine(RuleBasedStateMachine):
         pid = encl.owner
         try:
             if op == "tcs":
-                self.sgx.modify_types(encl, pid, first, count, SgxPageType.TCS)
+                self.sgx.edmm.modify_types(encl, pid, first, count, SgxPageType.TCS)
             elif op == "trim":
-                self.sgx.modify_types(encl, pid, first, count, SgxPageType.TRIM)
+                self.sgx.edmm.modify_types(encl, pid, first, count, SgxPageType.TRIM)
             elif op == "restrict":
-                self.sgx.restrict_permissions(encl, pid, first, count)
+                self.sgx.edmm.restrict_permissions(encl, pid, first, count)
             elif op == "remove":
-                self.sgx.remove_pages(encl, pid, first, count)
+                self.sgx.edmm.remove_pages(encl, pid, first, count)
             else:
-                self.sgx.accept(encl, first, count)
+                self.sgx.edmm.accept(encl, first, count)
         except KernelError as e:
             assert e.errno in (errno.EINVAL, errno.EFAULT, errno.EAGAIN, errno.EPERM,
                                errno.EBUSY)
@@ -392,19 +392,21 @@ class InterleavedMachine(EpcMachine):
                 first = self._gap(encl, int(where * (encl.size_pages - 1)))
                 steps = sgx.add_pages.steps(encl, encl.owner, first,
                                             min(count, encl.size_pages - first), False)
-                self.tasks.append([steps, encl.owner, encl, (errno.ENOMEM, errno.EBUSY)])
+                # EINVAL: EINIT came before the task's first step (its argument check)
+                self.tasks.append([steps, encl.owner, encl,
+                                   (errno.ENOMEM, errno.EBUSY, errno.EINVAL)])
         elif kind in ("trim", "tcs", "restrict", "remove"):
             encl = pick([e for e in encls if e.initialized], which)
             if encl is not None:
                 first = int(where * (encl.size_pages - 1))
                 n = min(count, encl.size_pages - first)
                 if kind == "restrict":
-                    steps = sgx.restrict_permissions.steps(encl, encl.owner, first, n)
+                    steps = sgx.edmm.restrict_permissions.steps(encl, encl.owner, first, n)
                 elif kind == "remove":
-                    steps = sgx.remove_pages.steps(encl, encl.owner, first, n)
+                    steps = sgx.edmm.remove_pages.steps(encl, encl.owner, first, n)
                 else:
                     ptype = SgxPageType.TRIM if kind == "trim" else SgxPageType.TCS
-                    steps = sgx.modify_types.steps(encl, encl.owner, first, n, ptype)
+                    steps = sgx.edmm.modify_types.steps(encl, encl.owner, first, n, ptype)
                 self.tasks.append([steps, encl.owner, encl, edmm])
         elif kind == "ksgxd":
             self.tasks.append([sgx.ksgxd.steps(), None, None, ()])
