@@ -122,10 +122,9 @@ class BulkLoader:
             self._insert_resident(encl, Run(first + lo_i, first + hi_i, RunState.LRU, encl,
                                             node=nid, css=css, ptype=ptype))
         for nid, cnt in va_nodes.items():
-            encl.va[(nid, css)] += cnt
-            encl.va_pages += cnt
+            encl.va_added(nid, css, cnt)
             self.encls["EPA"] += cnt
-        encl.page_cnt += pages
+        encl.grown(pages)
         self.encls["EADD"] += pages
         if measured:
             self.encls["EEXTEND"] += SGX_EEXTENDS_PER_PAGE * pages
@@ -271,9 +270,7 @@ class BulkLoader:
             run.memcg = memcg
             run.node = -1
             run.css = None
-            encl.va_used += take
-            encl.secs_child_cnt -= take
-            encl.nr_evicted += take
+            encl.children_written_back(take)
             encl.pages.merge_at(encl.pages.find(run.start))
             pos += take
         self.encls["EBLOCK"] += count

@@ -170,8 +170,6 @@ class Edmm:
             self.sgx._lru_unlink(run)
             pages.pop(k)
             self.sgx._free_epc(run.node, run.css, 1, eremove=True)
-            encl.secs_child_cnt -= 1
-            encl.nr_pages -= 1
-            encl.page_cnt -= 1
+            encl.child_removed()
 
         return (yield from self._edmm_each(encl, pid, first, count, node, page))

@@ -249,9 +249,7 @@ class Reclaimer:
         batch.written += n
         batch.held[(run.node, run.css)] += n
         batch.runs.remove(run)
-        encl.va_used += n
-        encl.secs_child_cnt -= n
-        encl.nr_evicted += n
+        encl.children_written_back(n)
         run.state = RunState.EVICTED
         run.batch = None
         run.node = -1
@@ -271,9 +269,7 @@ class Reclaimer:
             return
         encl.pcmd_add(gaps, memcg)
         self.encls["EWB"] += 1
-        encl.va_used += 1
-        encl.secs_memcg = memcg
-        css, encl.secs_css = encl.secs_css, None
+        css = encl.secs_written_back(memcg)
         self._free_epc(encl.secs_node, css, 1, eremove=True)
 
     def free_batch(self, batch: Batch) -> int:

@@ -181,21 +181,19 @@ class Sgx(Reclaimer, BulkLoader, Invariants):
 
     def _add_va(self, encl: Enclave, nid: int, css: MiscCss) -> None:
         self.encls["EPA"] += 1
-        encl.va[(nid, css)] += 1
-        encl.va_pages += 1
+        encl.va_added(nid, css)
 
     def _grow(self, encl: Enclave, css: MiscCss, pid: int, reclaim: bool,
               pref: list[int]) -> Steps[None]:
         """sgx_encl_grow: a new VA page when page_cnt is a multiple of 512, then page_cnt+1."""
         if encl.page_cnt % SGX_VA_SLOT_COUNT == 0:
             self._add_va(encl, (yield from self._alloc(css, pid, reclaim, pref)), css)
-        encl.page_cnt += 1
+        encl.grown()
 
     def _insert_resident(self, encl: Enclave, run: Run) -> None:
         """A new child page is in EPC: into the page map, onto the LRU tail."""
         encl.pages.insert(run)
-        encl.nr_pages += len(run)
-        encl.secs_child_cnt += len(run)
+        encl.children_added(len(run))
         self._lru_append(run)
 
     # -- enclave build -----------------------------------------------------------------
@@ -213,8 +211,7 @@ class Sgx(Reclaimer, BulkLoader, Invariants):
         yield from self._grow(encl, css, pid, True, pref)
         ((va_node, _),) = encl.va
         with self._given_back_on_failure(va_node, css):
-            encl.secs_node = yield from self._alloc(css, pid, True, pref)
-        encl.secs_css = css
+            encl.secs_loaded((yield from self._alloc(css, pid, True, pref)), css)
         self.encls["ECREATE"] += 1
         self._next_id += 1
         self.enclaves[encl.id] = encl
@@ -345,8 +342,7 @@ class Sgx(Reclaimer, BulkLoader, Invariants):
         run = pages.get(i)
         self._leave_backing(encl, i, run.memcg)
         run.memcg = None
-        encl.nr_evicted -= 1
-        encl.secs_child_cnt += 1
+        encl.child_loaded()
         run.node, run.css, run.young = nid, css, young
         self._lru_append(run)
 
@@ -356,14 +352,13 @@ class Sgx(Reclaimer, BulkLoader, Invariants):
             return
         nid = run_steps(self._alloc(css, pid, False, pref))
         self.encls["ELDU"] += 1
-        encl.secs_node, encl.secs_css = nid, css
         self._leave_backing(encl, encl.secs_index, encl.secs_memcg)
-        encl.secs_memcg = None
+        encl.secs_loaded(nid, css)
 
     def _leave_backing(self, encl: Enclave, i: int, memcg: MemCss) -> None:
         """Index i was loaded back: free its contents page and its VA slot, and its PCMD
         page if that now serves nothing (__sgx_encl_eldu's truncations)."""
-        encl.va_used -= 1
+        encl.slot_freed()
         self.h.mem.memory_uncharge(memcg, 1, encl.owner)
         for mc, n in encl.pcmd_drop(encl.pcmd_emptied(i, i + 1)):
             self.h.mem.memory_uncharge(mc, n, encl.owner)
@@ -426,13 +421,7 @@ class Sgx(Reclaimer, BulkLoader, Invariants):
         uncharge.update(encl.va)
         for (nid, css), n in uncharge.items():
             self._free_epc(nid, css, n, eremove=True)
-        encl.released = True
-        encl.pages = type(encl.pages)()
-        encl.pcmd = type(encl.pcmd)()
-        encl.va.clear()
-        encl.secs_css = encl.secs_memcg = None
-        encl.nr_pages = encl.nr_evicted = encl.secs_child_cnt = encl.nr_pcmd = 0
-        encl.va_pages = encl.va_used = 0
+        encl.emptied()
         del self.enclaves[encl.id]
 
     # -- vEPC ---------------------------------------------------------------------------
@@ -457,10 +446,7 @@ class Sgx(Reclaimer, BulkLoader, Invariants):
             nid = run_steps(self._alloc(css, pid, False, self.epc.preference(node)))
         except KernelError as e:
             return Fault.RETRY if e.errno == errno.EBUSY else Fault.SIGBUS
-        k = vepc.pages.insert(Run(page_index, page_index + 1, RunState.VEPC, None,
-                                  node=nid, css=css))
-        vepc.pages.merge_at(k)
-        vepc.nr_pages += 1
+        vepc.page_added(Run(page_index, page_index + 1, RunState.VEPC, None, node=nid, css=css))
         return Fault.OK
 
     def release_vepc(self, vepc: Vepc) -> None:
@@ -469,9 +455,7 @@ class Sgx(Reclaimer, BulkLoader, Invariants):
             return
         for run in vepc.pages:
             self._free_epc(run.node, run.css, len(run), eremove=True)
-        vepc.pages = type(vepc.pages)()
-        vepc.nr_pages = 0
-        vepc.released = True
+        vepc.emptied()
         del self.vepcs[vepc.id]
 
     # -- queries for the service and the fs ---------------------------------------------
