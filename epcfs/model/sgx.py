@@ -233,7 +233,8 @@ class Sgx(Reclaimer, BulkLoader, Invariants):
         Where nothing but steady reclaim happens the pages go in bulk (bulk.py), so a
         call costs O(runs touched), not O(pages). A step adds at most ADD_CHUNK pages, or
         one page with the reclaim rounds its charge needed (each batch a step of its
-        own); only a driver running the call ALONE lets bulk fold rounds into its step.
+        own); only a driver running the call ALONE lets bulk take a whole stretch, its
+        try_charge rounds folded in, as one step.
         """
         alone = (yield) is ALONE
         self._check_live(encl)
@@ -252,8 +253,8 @@ class Sgx(Reclaimer, BulkLoader, Invariants):
                 raise KernelError(errno.EBUSY, f"page {i} already added", count=done)
             if self.bulk:
                 room = count - done if nxt is None else min(count - done, nxt - i)
-                n = self._bulk_add(encl, pid, css, i, min(room, ADD_CHUNK), measured,
-                                   page_type, pref, rounds=alone)
+                n = self._bulk_add(encl, pid, css, i, room if alone else min(room, ADD_CHUNK),
+                                   measured, page_type, pref, rounds=alone)
                 if n:
                     done += n
                     yield
