@@ -40,6 +40,7 @@ import errno  # noqa: E402
 
 from epcfs.model import Fault, Hierarchy, KernelError, Sgx, SgxPageType  # noqa: E402
 from epcfs.model.constants import PAGE_SIZE, SGX_EPC  # noqa: E402
+from epcfs.model.invariants import check_invariants  # noqa: E402
 from epcfs.units import parse_size  # noqa: E402
 
 TEST_ENCL_PAGES = 10
@@ -89,7 +90,7 @@ def one_load(capacity: int, limited: bool) -> dict:
     t0 = time.perf_counter()
     build(sgx, capacity // PAGE_SIZE, None)
     seconds = time.perf_counter() - t0
-    sgx.check_invariants()
+    check_invariants(sgx)
     return {"seconds": seconds, "ewb": sgx.encls["EWB"], "eadd": sgx.encls["EADD"],
             "rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
@@ -142,7 +143,7 @@ def rates_table(seconds: float) -> None:
                 i = TEST_ENCL_PAGES + (i + 7919 - TEST_ENCL_PAGES) % (encl.nr_pages - 10)
 
     rate(f"enclave touching a 2x-oversubscribed heap, {human(capacity)} EPC", sgx, storm)
-    sgx.check_invariants()
+    check_invariants(sgx)
 
 
 SLICE = 4096
@@ -235,7 +236,7 @@ def remove_phases(sgx: Sgx, encl, heap: int, budget: float,
         out[kind] = timed(sgx, heap, budget, piece)
         if not out[kind][2]:
             return
-    sgx.check_invariants()
+    check_invariants(sgx)
 
 
 def remove_table(capacities: list[int], budget: float) -> None:

@@ -40,7 +40,6 @@ from .engine import run as run_steps
 from .epc import Epc
 from .epc_cgroup import epc_cg, forget_css, lru_empty
 from .errors import Blocked, KernelError
-from .invariants import Invariants
 from .memory import MemCss
 from .misc import MiscCss
 from .reclaim import Batch, Reclaimer
@@ -59,7 +58,7 @@ class Fault(Enum):
     """Any other failure (ENOMEM: nothing reclaimable): the task gets SIGBUS."""
 
 
-class Sgx(Reclaimer, BulkLoader, Invariants):
+class Sgx(Reclaimer, BulkLoader):
     """EPC sections on NUMA nodes, the enclaves and vEPCs using them, and their reclaim.
 
     Constructed with the cgroup hierarchy and the EPC sections as (numa_node, bytes);

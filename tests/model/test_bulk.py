@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from epcfs.model import Blocked, Hierarchy, KernelError, Sgx
 from epcfs.model.constants import PAGE_SIZE, SGX_EPC
+from epcfs.model.invariants import check_invariants
 
 from .snapshot import snapshot
 
@@ -109,7 +110,7 @@ def execute(setup: dict, program: list, bulk: bool):
             result = ("error", e.errno, e.count)
         except Blocked as e:
             result = ("blocked", e.count)
-        sgx.check_invariants()
+        check_invariants(sgx)
         yield result, snapshot(sgx)
 
 

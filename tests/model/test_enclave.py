@@ -7,6 +7,7 @@ import pytest
 
 from epcfs.model import Blocked, Fault, KernelError, SgxPageType
 from epcfs.model.constants import PAGE_SIZE, SGX_EEXTENDS_PER_PAGE
+from epcfs.model.invariants import check_invariants
 from epcfs.model.runs import RunState
 
 from .helpers import MiB, cgroup, encl_size, make_sgx, usage_pages
@@ -36,7 +37,7 @@ def test_create_takes_a_va_page_and_the_secs(env):
         with pytest.raises(KernelError) as e:
             sgx.create(PID, size)
         assert e.value.errno == errno.EINVAL
-    sgx.check_invariants()
+    check_invariants(sgx)
 
 
 @pytest.mark.parametrize("bulk", [True, False])
@@ -49,7 +50,7 @@ def test_a_new_va_page_comes_with_the_512th_1024th_page(bulk):
         sgx.add_pages(encl, PID, added, total - added, False)
         added = total
         assert encl.va_pages == va == total // 512 + 1
-        sgx.check_invariants()
+        check_invariants(sgx)
     assert sgx.encls["EADD"] == 1536 and sgx.encls["EPA"] == 4
 
 
@@ -84,7 +85,7 @@ def test_add_pages_errors_carry_the_count(env):
     with pytest.raises(KernelError) as e:
         sgx.add_pages(encl, PID, 20, 1, False)
     assert e.value.errno == errno.EINVAL
-    sgx.check_invariants()
+    check_invariants(sgx)
 
 
 def test_enomem_when_only_unreclaimable_pages_are_charged(env):
@@ -98,7 +99,7 @@ def test_enomem_when_only_unreclaimable_pages_are_charged(env):
         sgx.add_pages(encl, PID, 0, 600, False)  # evicts until a 2nd VA page is due
     assert e.value.errno == errno.ENOMEM and e.value.count == 511
     assert cg.misc.res["sgx_epc"].events >= 1
-    sgx.check_invariants()
+    check_invariants(sgx)
 
 
 def _loaded(sgx, cg, pages, limit_pages):
@@ -126,7 +127,7 @@ def test_fault_loads_an_evicted_page_without_reclaim(env):
     assert cg.memory.usage == memory - 1  # the contents page left the backing
     assert sgx.fault(encl, PID, 0) is Fault.OK and sgx.encls["ELDU"] == 1
     assert sgx.fault(encl, PID, encl.size_pages) is Fault.SIGBUS
-    sgx.check_invariants()
+    check_invariants(sgx)
 
 
 def test_secs_follows_its_last_child_and_comes_back_first(env):
@@ -144,7 +145,7 @@ def test_secs_follows_its_last_child_and_comes_back_first(env):
     assert ewb == 40 + 1 + 1
     assert sgx.fault(encl, PID, 7) is Fault.OK
     assert encl.secs_css is cg.misc and sgx.encls["ELDU"] == 1 + 2
-    sgx.check_invariants()
+    check_invariants(sgx)
 
 
 def test_backing_store_is_contents_plus_a_pcmd_page_per_32_indices(env):
@@ -160,7 +161,7 @@ def test_backing_store_is_contents_plus_a_pcmd_page_per_32_indices(env):
     assert encl.nr_pcmd == 2 and cg.memory.usage == 64 + 2
     sgx.release(encl)
     assert cg.memory.usage == 0 and usage_pages(cg) == 0
-    sgx.check_invariants()
+    check_invariants(sgx)
 
 
 def test_eaug_grows_an_initialized_enclave(env):
@@ -175,7 +176,7 @@ def test_eaug_grows_an_initialized_enclave(env):
     assert sgx.eaug(encl, PID, 601) is Fault.OK and sgx.encls["EAUG"] == 2
     cg.misc.res["sgx_epc"].max = cg.misc.res["sgx_epc"].usage
     assert sgx.eaug(encl, PID, 700) is Fault.RETRY
-    sgx.check_invariants()
+    check_invariants(sgx)
 
 
 def test_edmm_trim_accept_remove(env):
@@ -207,7 +208,7 @@ def test_edmm_trim_accept_remove(env):
     with pytest.raises(KernelError) as e:
         sgx.edmm.remove_pages(encl, PID, 0, 1)
     assert e.value.errno == errno.EFAULT  # gone
-    sgx.check_invariants()
+    check_invariants(sgx)
 
 
 def test_edmm_type_rules(env):
@@ -232,7 +233,7 @@ def test_edmm_type_rules(env):
     lru = list(cg.misc.epc.lru)
     assert lru[-1].start == 1 and len(lru[-1]) == 1 and sgx.lru_pages(cg.misc) == head
     sgx.edmm.modify_types(encl, PID, 0, 2, SgxPageType.TRIM)  # TCS → TRIM is allowed
-    sgx.check_invariants()
+    check_invariants(sgx)
 
 
 def test_edmm_on_pages_held_by_the_reclaimer(env):
@@ -256,7 +257,7 @@ def test_edmm_on_pages_held_by_the_reclaimer(env):
     sgx.writeback(batch)
     assert encl.pages.get(4).state is RunState.LRU  # ...so the age check kept it
     sgx.free_batch(batch)
-    sgx.check_invariants()
+    check_invariants(sgx)
 
 
 def test_edmm_runs_direct_reclaim_first(env):
@@ -266,7 +267,7 @@ def test_edmm_runs_direct_reclaim_first(env):
     before, usage = sgx.encls["EWB"], usage_pages(cg)
     sgx.edmm.restrict_permissions(encl, PID, encl.nr_pages - 1, 1)  # a resident page
     assert sgx.encls["EWB"] == before + 16 and usage_pages(cg) == usage - 16
-    sgx.check_invariants()
+    check_invariants(sgx)
 
 
 def test_edmm_load_is_no_reclaim_eagain_or_efault():
@@ -292,7 +293,7 @@ def test_edmm_load_is_no_reclaim_eagain_or_efault():
     with pytest.raises(KernelError) as e:  # nothing reclaimable under a: ENOMEM
         sgx.edmm.modify_types(encl, PID, 0, 1, SgxPageType.TRIM)
     assert e.value.errno == errno.EFAULT
-    sgx.check_invariants()
+    check_invariants(sgx)
 
 
 def test_release_frees_everything_and_leaves_isolated_pages_to_the_batch(env):
@@ -303,11 +304,11 @@ def test_release_frees_everything_and_leaves_isolated_pages_to_the_batch(env):
     assert batch.scanned == 16
     sgx.release(encl)
     assert usage_pages(cg) == 16 and cg.memory.usage == 0
-    sgx.check_invariants()
+    check_invariants(sgx)
     assert sgx.writeback(batch) == 0
     assert sgx.free_batch(batch) == 16
     assert usage_pages(cg) == 0 and sgx.free_pages == sgx.epc.total_pages
-    sgx.check_invariants()
+    check_invariants(sgx)
     sgx.release(encl)  # twice is harmless
     with pytest.raises(KernelError) as e:
         sgx.add_pages(encl, PID, 0, 1, False)
@@ -321,11 +322,11 @@ def test_release_between_writeback_and_free(env):
     batch = sgx.isolate(cg.misc, PID)
     assert sgx.writeback(batch) == 16
     sgx.release(encl)
-    sgx.check_invariants()
+    check_invariants(sgx)
     assert usage_pages(cg) == 16  # the emptied pages are still the batch's
     sgx.free_batch(batch)
     assert usage_pages(cg) == 0 and cg.memory.usage == 0
-    sgx.check_invariants()
+    check_invariants(sgx)
 
 
 def test_blocked_when_the_backing_store_cannot_be_charged():
@@ -338,11 +339,11 @@ def test_blocked_when_the_backing_store_cannot_be_charged():
     added = b.value.count
     assert 60 <= added < 200 and h.oom_kills == [200]  # the bigger process is the victim
     assert cg.memory.events["max"] >= 1
-    sgx.check_invariants()
+    check_invariants(sgx)
     with pytest.raises(Blocked) as b:  # the victim has not exited yet
         sgx.add_pages(encl, PID, added, 200 - added, False)
     assert b.value.count == 0 and h.oom_kills == [200]
     h.exit(200)
     assert sgx.add_pages(encl, PID, added, 200 - added, False) == 200 - added
     assert h.oom_kills == [200, PID]  # the caller became the victim: forced through
-    sgx.check_invariants()
+    check_invariants(sgx)

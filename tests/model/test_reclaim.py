@@ -15,6 +15,7 @@ from epcfs.model.constants import (
     SGX_NR_LOW_PAGES,
     SGX_NR_TO_SCAN,
 )
+from epcfs.model.invariants import check_invariants
 from epcfs.model.runs import RunState
 
 from .helpers import MiB, cgroup, encl_size, make_sgx, usage_pages
@@ -35,16 +36,16 @@ def test_a_batch_in_three_steps():
     batch = sgx.isolate(cg.misc, PID)
     assert batch.scanned == SGX_NR_TO_SCAN and sgx.lru_pages(cg.misc) == 40 - SGX_NR_TO_SCAN
     assert encl.pages.get(0).state is RunState.ISOLATED and usage_pages(cg) == 42
-    sgx.check_invariants()
+    check_invariants(sgx)
     assert sgx.writeback(batch) == SGX_NR_TO_SCAN
     assert encl.pages.get(0).state is RunState.EVICTED and usage_pages(cg) == 42
     assert encl.va_used == 16 and encl.nr_pcmd == 1 and cg.memory.usage == 17
     assert sgx.encls["EBLOCK"] == sgx.encls["EWB"] == 16 and sgx.encls["ETRACK"] == 1
-    sgx.check_invariants()
+    check_invariants(sgx)
     assert sgx.free_batch(batch) == 16 and usage_pages(cg) == 26 and not sgx.batches
     with pytest.raises(ValueError):
         sgx.free_batch(batch)
-    sgx.check_invariants()
+    check_invariants(sgx)
 
 
 def test_accessed_pages_get_a_second_chance():
@@ -57,7 +58,7 @@ def test_accessed_pages_get_a_second_chance():
     assert batch.scanned == 16 and batch.written == 15
     lru = list(cg.misc.epc.lru)
     assert (lru[-1].start, len(lru[-1]), lru[-1].young) == (3, 1, False)  # at the tail, old
-    sgx.check_invariants()
+    check_invariants(sgx)
 
 
 def test_backing_charge_failure_keeps_the_page_and_asks_the_oom_killer():
@@ -69,7 +70,7 @@ def test_backing_charge_failure_keeps_the_page_and_asks_the_oom_killer():
     assert batch.written == 3 and batch.failed == 13  # 3 contents + 1 PCMD fill the 4 left
     assert cg.memory.usage == 5 and h.oom_kills == [PID]  # the owner holds the most
     assert sgx.lru_pages(cg.misc) == 17
-    sgx.check_invariants()
+    check_invariants(sgx)
 
 
 def test_sync_reclaim_targets_the_charging_subtree_only():
@@ -85,7 +86,7 @@ def test_sync_reclaim_targets_the_charging_subtree_only():
         sgx.create(PID, 1 << 20)  # a has nothing on an LRU: ENOMEM, b is not touched
     assert e.value.errno == errno.ENOMEM and sgx.lru_pages(parent.children["b"].misc) == 40
     assert parent.misc.res["sgx_epc"].events_local == 1 and a.misc.res["sgx_epc"].events == 0
-    sgx.check_invariants()
+    check_invariants(sgx)
 
 
 def test_every_retry_of_the_sync_path_counts_an_event():
@@ -97,7 +98,7 @@ def test_every_retry_of_the_sync_path_counts_an_event():
     cg.misc.res["sgx_epc"].max = 42 * PAGE_SIZE
     sgx.create(PID, PAGE_SIZE * 64)  # headroom for both pages: no event
     assert cg.misc.res["sgx_epc"].events == 1
-    sgx.check_invariants()
+    check_invariants(sgx)
 
 
 def test_fairness_iterator_walks_descendants_in_pre_order():
@@ -125,7 +126,7 @@ def test_a_freed_cgroup_is_skipped_by_every_ancestors_iterator():
     assert root.epc.next_cg.cgroup.path == "/a/a2" and a.epc.next_cg.cgroup.path == "/a/a2"
     h.rmdir(h.lookup("/a/a2"))
     assert root.epc.next_cg is root and a.epc.next_cg is a
-    sgx.check_invariants()
+    check_invariants(sgx)
 
 
 def test_rounds_rotate_between_cgroups():
@@ -140,7 +141,7 @@ def test_rounds_rotate_between_cgroups():
     assert (sgx.lru_pages(a), sgx.lru_pages(b)) == (48, 48)
     sgx.reclaim_global()
     assert (sgx.lru_pages(a), sgx.lru_pages(b)) == (32, 48)
-    sgx.check_invariants()
+    check_invariants(sgx)
 
 
 @pytest.mark.parametrize(("limit", "threshold"), [
@@ -176,7 +177,7 @@ def test_no_reclaim_failure_queues_async_work_that_runs_until_below_threshold():
     limit = cg.misc.res["sgx_epc"].max // PAGE_SIZE - SGX_CG_MIN_FREE_PAGE
     assert rounds >= 2 and limit - 16 <= usage_pages(cg) < limit
     assert sgx.fault(encl, PID, 0).name == "OK"
-    sgx.check_invariants()
+    check_invariants(sgx)
 
 
 def test_ksgxd_wakes_below_low_and_reclaims_up_to_high():
@@ -191,7 +192,7 @@ def test_ksgxd_wakes_below_low_and_reclaims_up_to_high():
     assert sgx.ksgxd().scanned
     assert SGX_NR_HIGH_PAGES <= sgx.free_pages < SGX_NR_HIGH_PAGES + SGX_NR_TO_SCAN
     assert not sgx.ksgxd().scanned
-    sgx.check_invariants()
+    check_invariants(sgx)
 
 
 def test_direct_reclaim_goes_global_when_free_pages_are_low():
@@ -203,7 +204,7 @@ def test_direct_reclaim_goes_global_when_free_pages_are_low():
     assert free < SGX_NR_LOW_PAGES
     done = sgx.reclaim_direct(PID)
     assert done.freed == SGX_NR_TO_SCAN and sgx.free_pages == free + SGX_NR_TO_SCAN
-    sgx.check_invariants()
+    check_invariants(sgx)
 
 
 def test_global_reclaim_when_the_cgroup_has_room_but_epc_is_dirty():
@@ -214,4 +215,4 @@ def test_global_reclaim_when_the_cgroup_has_room_but_epc_is_dirty():
     sgx.add_pages(encl, PID, 0, 150, False)  # free runs out first: global rounds
     assert sgx.free_pages <= SGX_NR_TO_SCAN and encl.nr_evicted >= 50
     assert sgx.take_ksgxd_wakeup()
-    sgx.check_invariants()
+    check_invariants(sgx)

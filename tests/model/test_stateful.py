@@ -32,6 +32,7 @@ from epcfs.model import Blocked, Fault, Hierarchy, KernelError, Sgx, SgxPageType
 from epcfs.model.constants import PAGE_SIZE, SGX_EPC
 from epcfs.model.enclave import Enclave as Encl
 from epcfs.model.engine import WAIT
+from epcfs.model.invariants import check_invariants
 from epcfs.model.reclaim import Stage
 from epcfs.model.runs import RunState
 
@@ -64,7 +65,7 @@ class EpcMachine(RuleBasedStateMachine):
         for task in self.tasks:
             task[0].close()
         self.tasks.clear()
-        self.sgx.check_invariants()
+        check_invariants(self.sgx)
         for batch in self.batches:
             if batch.stage is Stage.ISOLATED:
                 self.sgx.writeback(batch)
@@ -73,7 +74,7 @@ class EpcMachine(RuleBasedStateMachine):
             self.sgx.release(encl)
         for vepc in self.vepcs:
             self.sgx.release_vepc(vepc)
-        self.sgx.check_invariants()
+        check_invariants(self.sgx)
         assert self.h.root.misc.res[SGX_EPC].usage == 0
         assert self.sgx.free_pages + self.sgx.epc.dirty_total == self.sgx.epc.total_pages
         for pid in list(self.h.procs):  # check_invariants saw no backing left; now the rest
@@ -104,7 +105,7 @@ class EpcMachine(RuleBasedStateMachine):
     def whole_truth(self) -> None:
         global steps_taken
         steps_taken += 1
-        self.sgx.check_invariants()
+        check_invariants(self.sgx)
 
     # -- the service's duties ----------------------------------------------------------
 

@@ -3,6 +3,7 @@ guest as SIGBUS, EBUSY as a retry (kernel-facts §3, error outcomes)."""
 
 from epcfs.model import Fault
 from epcfs.model.constants import PAGE_SIZE
+from epcfs.model.invariants import check_invariants
 
 from .helpers import MiB, cgroup, full_epc_with_one_reclaimable_page, make_sgx, usage_pages
 
@@ -18,11 +19,11 @@ def test_guest_pages_are_charged_and_unreclaimable():
     assert sgx.vepc_fault(vepc, VMM, 1) is Fault.OK  # already backed
     assert usage_pages(cg) == 4 and sgx.lru_pages(cg.misc) == 0 and vepc.nr_pages == 4
     assert len(vepc.pages) == 2  # runs: 0..2 and 7
-    sgx.check_invariants()
+    check_invariants(sgx)
     sgx.release_vepc(vepc)
     assert usage_pages(cg) == 0 and sgx.encls["EREMOVE"] == sgx.epc.total_pages + 4
     assert sgx.vepc_fault(vepc, VMM, 0) is Fault.SIGBUS
-    sgx.check_invariants()
+    check_invariants(sgx)
 
 
 def test_enomem_is_sigbus_and_ebusy_is_retry():
@@ -40,7 +41,7 @@ def test_enomem_is_sigbus_and_ebusy_is_retry():
     assert list(sgx.async_work) == [cg.misc]
     sgx.work_item(cg.misc)
     assert sgx.vepc_fault(vepc, VMM, 3) is Fault.OK
-    sgx.check_invariants()
+    check_invariants(sgx)
 
 
 def test_vepc_fault_retries_while_nothing_can_reclaim_for_it():
@@ -57,10 +58,10 @@ def test_vepc_fault_retries_while_nothing_can_reclaim_for_it():
         assert list(sgx.async_work) == [h.root.misc]
         assert not sgx.work_item(h.root.misc).scanned and not sgx.async_work
         assert not sgx.take_ksgxd_wakeup()
-    sgx.check_invariants()
+    check_invariants(sgx)
     sgx.release(encl)
     assert sgx.vepc_fault(vepc, VMM, vepc.nr_pages) is Fault.OK
-    sgx.check_invariants()
+    check_invariants(sgx)
 
 
 def test_a_reclaiming_allocation_ends_the_retrying():
@@ -73,4 +74,4 @@ def test_a_reclaiming_allocation_ends_the_retrying():
     sgx.create(VMM + 1, 1 << 20)
     assert sgx.lru_pages(h.root.misc) == 0 and encl.nr_evicted == 1
     assert sgx.vepc_fault(vepc, VMM, vepc.nr_pages) is Fault.SIGBUS
-    sgx.check_invariants()
+    check_invariants(sgx)

@@ -14,6 +14,7 @@ import trio.testing
 
 from epcfs.model.cgroup import Hierarchy
 from epcfs.model.constants import PAGE_SIZE
+from epcfs.model.invariants import check_invariants
 from epcfs.model.sgx import Sgx
 from epcfs.protocol import decode, encode
 from epcfs.service.enclave_server import EnclaveServer
@@ -106,7 +107,7 @@ async def test_hangup_releases_everything(tmp_path, autojump):
         sock.close()
         await trio.sleep(0.01)
         assert usage(rig.h) == 0
-        rig.sgx.check_invariants()
+        check_invariants(rig.sgx)
         nursery.cancel_scope.cancel()
 
 
@@ -124,7 +125,7 @@ async def test_oversubscribed_load_completes_with_reclaim(tmp_path, autojump):
         assert (await call(sock, "init"))["ok"]
         assert (await call(sock, "touch", offset=0, count=4))["ok"]  # faults back in
         assert rig.sgx.encls["EWB"] > 0 and rig.sgx.encls["ELDU"] > 0
-        rig.sgx.check_invariants()
+        check_invariants(rig.sgx)
         sock.close()
         await trio.sleep(0.01)
         assert usage(rig.h) == 0
@@ -198,7 +199,7 @@ async def test_edmm_runs_direct_reclaim_first(tmp_path, autojump):
         reply = await call(sock, "modify_types", offset=0, count=4, page_type=4)  # TRIM
         assert reply == {"ok": True, "count": 4}
         assert rig.sgx.encls["EWB"] > written
-        rig.sgx.check_invariants()
+        check_invariants(rig.sgx)
         sock.close()
         await trio.sleep(0.01)
         assert cg.misc.res["sgx_epc"].usage == 0
@@ -236,7 +237,7 @@ async def test_a_vepc_fault_that_cannot_reclaim_waits_without_spinning(tmp_path,
         rig.steps.settle()
         await trio.sleep(1.0)
         assert replies == [{"ok": True}]
-        rig.sgx.check_invariants()
+        check_invariants(rig.sgx)
         vmm.close()
         other.close()
         await trio.sleep(0.01)
