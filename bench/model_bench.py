@@ -139,7 +139,7 @@ def rates_table(seconds: float) -> None:
         while time.perf_counter() < deadline:
             for _ in range(256):
                 while sgx.fault(encl, PID, i) is Fault.RETRY:
-                    sgx.ksgxd()
+                    sgx.reclaim.ksgxd()
                 i = TEST_ENCL_PAGES + (i + 7919 - TEST_ENCL_PAGES) % (encl.nr_pages - 10)
 
     rate(f"enclave touching a 2x-oversubscribed heap, {human(capacity)} EPC", sgx, storm)
@@ -154,7 +154,7 @@ def faulted(sgx: Sgx, encl, i: int) -> None:
     """An access to page i, retried as the enclave server does; ksgxd stands in for
     the reclaimers that make room meanwhile."""
     while (outcome := sgx.fault(encl, PID, i)) is Fault.RETRY:
-        sgx.ksgxd()
+        sgx.reclaim.ksgxd()
     assert outcome is Fault.OK, outcome
 
 
@@ -168,7 +168,7 @@ def edmm_range(sgx: Sgx, call, first: int, count: int) -> int:
             if e.errno != errno.EAGAIN:
                 raise
             done += e.count
-            sgx.ksgxd()
+            sgx.reclaim.ksgxd()
     return done
 
 

@@ -50,6 +50,7 @@ if TYPE_CHECKING:
     from .enclave import Enclave
     from .epc import Epc
     from .misc import MiscCss
+    from .reclaim import Reclaim
 
 
 def va_pages_for(page_cnt: int, pages: int) -> int:
@@ -71,7 +72,7 @@ class BulkLoader:
     h: Hierarchy
     epc: Epc
     encls: Counter[str]
-    _ksgxd_wake: bool
+    reclaim: Reclaim
 
     def _bulk_add(self, encl: Enclave, pid: int, css: MiscCss, first: int, n: int,
                   measured: bool, ptype: SgxPageType, pref: list[int], *,
@@ -135,9 +136,9 @@ class BulkLoader:
             if headroom or k > 1:
                 lowest = min(lowest, free - headroom)
             if lowest < SGX_NR_LOW_PAGES:
-                self._ksgxd_wake = True
+                self.reclaim.wake_ksgxd()
         elif free - total < SGX_NR_LOW_PAGES and lru_before + pages - 1 > 0:
-            self._ksgxd_wake = True
+            self.reclaim.wake_ksgxd()
         return pages
 
     def _rounds_possible(self, css: MiscCss, pid: int, wanted: int) -> int:
@@ -251,7 +252,7 @@ class BulkLoader:
             encl = run.encl
             if take < len(run):
                 encl.pages.cut(run.start + take)
-            self._lru_unlink(run)
+            self.reclaim.lru_unlink(run)
             gaps = encl.pcmd_missing(run.start, run.end)
             charged = self.h.mem.memory_try_charge(
                 memcg, take + sum(g1 - g0 for g0, g1 in gaps), owner=encl.owner, current=pid)

@@ -49,7 +49,7 @@ class Edmm:
         for c in range(count):
             i = first + c
             try:
-                yield from self.sgx.reclaim_direct.steps(pid)
+                yield from self.sgx.reclaim.reclaim_direct.steps(pid)
                 run = encl.pages.get(i)
                 if run is None:
                     raise KernelError(errno.EFAULT, f"no page {i}")
@@ -126,8 +126,8 @@ class Edmm:
         pages.cut(i)
         pages.cut(i + 1)
         run = pages.get(i)
-        self.sgx._lru_unlink(run)
-        self.sgx._lru_append(run)
+        self.sgx.reclaim.lru_unlink(run)
+        self.sgx.reclaim.lru_append(run)
 
     def accept(self, encl: Enclave, first: int, count: int) -> int:
         """EACCEPT from inside the enclave (ENCLU, no syscall): acknowledges TRIMmed pages
@@ -167,9 +167,9 @@ class Edmm:
             pages.cut(i + 1)
             k = pages.find(i)
             run = pages.runs[k]
-            self.sgx._lru_unlink(run)
+            self.sgx.reclaim.lru_unlink(run)
             pages.pop(k)
-            self.sgx._free_epc(run.node, run.css, 1, eremove=True)
+            self.sgx.reclaim.free_epc(run.node, run.css, 1, eremove=True)
             encl.child_removed()
 
         return (yield from self._edmm_each(encl, pid, first, count, node, page))

@@ -59,7 +59,7 @@ def check_invariants(sgx: Sgx) -> None:
         lru_runs += _check_enclave(sgx, encl, pages_of, per_node, backing, owned)
     for vepc in sgx.vepcs.values():
         _check_vepc(sgx, vepc, pages_of, per_node)
-    for batch in sgx.batches:
+    for batch in sgx.reclaim.batches:
         _check_batch(batch, pages_of, per_node)
     _check_nodes(sgx, per_node)
     _check_misc(sgx, csses, pages_of, lru_runs)
@@ -145,7 +145,7 @@ def _check_misc(sgx: Sgx, csses: list[MiscCss], pages_of: Counter[MiscCss],
             pos = pos.parent
         assert seen and state.next_cg in in_tree, f"next_cg of {css.cgroup.path}"
     assert lru_total == lru_runs, "LRU pages differ from the enclaves' LRU runs"
-    for css in sgx.async_work:
+    for css in sgx.reclaim.async_work:
         assert css in in_tree, "async work queued for a freed css"
     for css, n in pages_of.items():
         assert css in in_tree, f"{n} pages charged to a freed css"
@@ -245,7 +245,7 @@ def _check_enclave(sgx: Sgx, encl: Enclave, pages_of: Counter[MiscCss],
             if run.state is RunState.LRU:
                 on_lru += len(run)
             else:
-                assert run.batch in sgx.batches and run in run.batch.runs
+                assert run.batch in sgx.reclaim.batches and run in run.batch.runs
                 assert run.batch.stage is Stage.ISOLATED
     assert (n, evicted, resident) == (encl.nr_pages, encl.nr_evicted, encl.secs_child_cnt)
     assert encl.page_cnt == n + 1, "page_cnt != SECS + children"

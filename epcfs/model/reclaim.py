@@ -106,19 +106,24 @@ class Round:
         self.failed += other.failed
 
 
-class Reclaimer:
-    """The reclaim half of Sgx (mixed into it; the state lives there)."""
+class Reclaim:
+    """EPC reclamation for one Sgx (Sgx.reclaim): the LRUs' bookkeeping, the batches in
+    flight, the queued work items and ksgxd's wake-up. `encls` is the Sgx's counter of
+    ENCLS leaves, which reclaim adds to."""
 
-    h: Hierarchy
-    epc: Epc
-    encls: Counter[str]
-    batches: list[Batch]
-    async_work: dict[MiscCss, None]
-    _ksgxd_wake: bool
+    def __init__(self, h: Hierarchy, epc: Epc, encls: Counter[str]) -> None:
+        self.h = h
+        self.epc = epc
+        self.encls = encls
+        self.batches: list[Batch] = []
+        """Batches between their steps (isolated or written back, not yet freed)."""
+        self.async_work: dict[MiscCss, None] = {}
+        """Misc csses whose reclaim work item is queued on sgx_cg_wq, in queueing order."""
+        self._ksgxd_wake = False
 
     # -- LRU bookkeeping shared with the enclave operations -------------------------
 
-    def _lru_append(self, run: Run) -> None:
+    def lru_append(self, run: Run) -> None:
         """Mark reclaimable (sgx_mark_page_reclaimable): run goes to its css's LRU tail
         and joins its neighbours in the enclave's map where it can."""
         run.state = RunState.LRU
@@ -128,11 +133,11 @@ class Reclaimer:
         pages = run.encl.pages
         pages.merge_at(pages.find(run.start))
 
-    def _lru_unlink(self, run: Run) -> None:
+    def lru_unlink(self, run: Run) -> None:
         epc_cg(run.css).lru.unlink(run)
         lru_changed(run.css, -len(run))
 
-    def _free_epc(self, nid: int, css: MiscCss, count: int, eremove: bool) -> None:
+    def free_epc(self, nid: int, css: MiscCss, count: int, eremove: bool) -> None:
         """sgx_free_epc_page (after EREMOVE when the page still holds something)."""
         if eremove:
             self.encls["EREMOVE"] += count
@@ -159,7 +164,7 @@ class Reclaimer:
             take = min(SGX_NR_TO_SCAN - batch.scanned, len(run))
             if take < len(run):
                 run.encl.pages.cut(run.start + take)
-            self._lru_unlink(run)
+            self.lru_unlink(run)
             run.state = RunState.ISOLATED
             run.batch = batch
             batch.runs.append(run)
@@ -188,7 +193,7 @@ class Reclaimer:
         for run, ok in outcome:
             if not ok:
                 batch.runs.remove(run)
-                self._lru_append(run)
+                self.lru_append(run)
         self.encls["EBLOCK"] += sum(len(run) for run in to_write)
         self.encls["ETRACK"] += len({run.encl for run in to_write})
         for run in to_write:
@@ -270,7 +275,7 @@ class Reclaimer:
         encl.pcmd_add(gaps, memcg)
         self.encls["EWB"] += 1
         css = encl.secs_written_back(memcg)
-        self._free_epc(encl.secs_node, css, 1, eremove=True)
+        self.free_epc(encl.secs_node, css, 1, eremove=True)
 
     def free_batch(self, batch: Batch) -> int:
         """Step 3: free the written-back EPC pages, and the isolated pages whose enclave
@@ -280,10 +285,10 @@ class Reclaimer:
         batch.stage = Stage.FREED
         freed = 0
         for (nid, css), n in batch.held.items():
-            self._free_epc(nid, css, n, eremove=False)
+            self.free_epc(nid, css, n, eremove=False)
             freed += n
         for run in batch.runs:
-            self._free_epc(run.node, run.css, len(run), eremove=True)
+            self.free_epc(run.node, run.css, len(run), eremove=True)
             freed += len(run)
         batch.runs.clear()
         batch.held.clear()
@@ -369,9 +374,14 @@ class Reclaimer:
                 break
         return done
 
-    def _maybe_wake_ksgxd(self) -> None:
+    def maybe_wake_ksgxd(self) -> None:
+        """wake_up(&ksgxd_waitq) after an allocation, if free pages are low."""
         if self.should_reclaim_global(SGX_NR_LOW_PAGES):
             self._ksgxd_wake = True
+
+    def wake_ksgxd(self) -> None:
+        """wake_up(&ksgxd_waitq)."""
+        self._ksgxd_wake = True
 
     def should_reclaim(self, css: MiscCss) -> bool:
         """sgx_cgroup_should_reclaim (the async worker's loop condition)."""

@@ -42,7 +42,7 @@ from .epc_cgroup import epc_cg, forget_css, lru_empty
 from .errors import Blocked, KernelError
 from .memory import MemCss
 from .misc import MiscCss
-from .reclaim import Batch, Reclaimer
+from .reclaim import Reclaim
 from .runs import Run, RunState
 
 
@@ -58,7 +58,7 @@ class Fault(Enum):
     """Any other failure (ENOMEM: nothing reclaimable): the task gets SIGBUS."""
 
 
-class Sgx(Reclaimer, BulkLoader):
+class Sgx(BulkLoader):
     """EPC sections on NUMA nodes, the enclaves and vEPCs using them, and their reclaim.
 
     Constructed with the cgroup hierarchy and the EPC sections as (numa_node, bytes);
@@ -74,17 +74,14 @@ class Sgx(Reclaimer, BulkLoader):
         hierarchy.misc.capacity[SGX_EPC] = self.epc.total_pages * PAGE_SIZE
         hierarchy.misc_release_hooks.append(self._css_freed)
         self.bulk = bulk
-        self.edmm = Edmm(self)
-        """The SGX2 EDMM ioctls and EACCEPT (edmm.py)."""
         self.encls: Counter[str] = Counter()
         """Cumulative count of ENCLS (and EACCEPT, EPA) leaves performed, by name."""
         self.enclaves: dict[int, Enclave] = {}
         self.vepcs: dict[int, Vepc] = {}
-        self.batches: list[Batch] = []
-        """Reclaim batches between their steps (isolated or written back, not yet freed)."""
-        self.async_work: dict[MiscCss, None] = {}
-        """Misc csses whose reclaim work item is queued on sgx_cg_wq, in queueing order."""
-        self._ksgxd_wake = False
+        self.reclaim = Reclaim(hierarchy, self.epc, self.encls)
+        """Reclamation: LRUs, batches, ksgxd and the work items (reclaim.py)."""
+        self.edmm = Edmm(self)
+        """The SGX2 EDMM ioctls and EACCEPT (edmm.py)."""
         self._next_id = 1
 
     # -- boot ------------------------------------------------------------------------
@@ -115,7 +112,7 @@ class Sgx(Reclaimer, BulkLoader):
 
     def _css_freed(self, css: MiscCss) -> None:
         """A misc css is about to be unlinked (sgx_cgroup_free)."""
-        self.async_work.pop(css, None)
+        self.reclaim.async_work.pop(css, None)
         forget_css(css)
 
     # -- allocation: sgx_alloc_epc_page ----------------------------------------------
@@ -134,17 +131,17 @@ class Sgx(Reclaimer, BulkLoader):
                 nid = self.epc.take_one(pref)
                 if nid is not None:
                     break
-                if not self.can_reclaim_global():
+                if not self.reclaim.can_reclaim_global():
                     raise KernelError(errno.ENOMEM, "no free EPC page and nothing reclaimable")
                 if not reclaim:
                     raise KernelError(errno.EBUSY, "no free EPC page")
-                done = yield from self.reclaim_global.steps(pid)
+                done = yield from self.reclaim.reclaim_global.steps(pid)
                 if not done.freed and done.failed:
                     yield WAIT
         except BaseException:  # KernelError, Blocked, or the caller went away
             self.h.misc_uncharge(SGX_EPC, css, PAGE_SIZE)
             raise
-        self._maybe_wake_ksgxd()
+        self.reclaim.maybe_wake_ksgxd()
         return nid
 
     def _charge(self, css: MiscCss, pid: int, reclaim: bool) -> Steps[None]:
@@ -158,9 +155,9 @@ class Sgx(Reclaimer, BulkLoader):
             if lru_empty(css):
                 raise KernelError(errno.ENOMEM, f"nothing reclaimable under {css.cgroup.path}")
             if not reclaim:
-                self.queue_work(css)
+                self.reclaim.queue_work(css)
                 raise KernelError(errno.EBUSY, f"{css.cgroup.path} at its EPC limit")
-            done = yield from self.cgroup_reclaim_pages.steps(css, pid, 1)
+            done = yield from self.reclaim.cgroup_reclaim_pages.steps(css, pid, 1)
             if not done.freed and done.failed:
                 yield WAIT
 
@@ -172,10 +169,10 @@ class Sgx(Reclaimer, BulkLoader):
         try:
             yield
         except KernelError:
-            self._free_epc(nid, css, 1, eremove=True)
+            self.reclaim.free_epc(nid, css, 1, eremove=True)
             raise
         except (Blocked, GeneratorExit):
-            self._free_epc(nid, css, 1, eremove=False)
+            self.reclaim.free_epc(nid, css, 1, eremove=False)
             raise
 
     def _add_va(self, encl: Enclave, nid: int, css: MiscCss) -> None:
@@ -193,7 +190,7 @@ class Sgx(Reclaimer, BulkLoader):
         """A new child page is in EPC: into the page map, onto the LRU tail."""
         encl.pages.insert(run)
         encl.children_added(len(run))
-        self._lru_append(run)
+        self.reclaim.lru_append(run)
 
     # -- enclave build -----------------------------------------------------------------
 
@@ -344,7 +341,7 @@ class Sgx(Reclaimer, BulkLoader):
         run.memcg = None
         encl.child_loaded()
         run.node, run.css, run.young = nid, css, young
-        self._lru_append(run)
+        self.reclaim.lru_append(run)
 
     def _load_secs(self, encl: Enclave, css: MiscCss, pid: int, pref: list[int]) -> None:
         """sgx_encl_load_secs: ELDU the SECS (no reclaim) if it was written back."""
@@ -379,7 +376,7 @@ class Sgx(Reclaimer, BulkLoader):
             try:
                 run_steps(self._grow(encl, css, pid, False, pref))
             except KernelError:
-                self._free_epc(nid, css, 1, eremove=True)
+                self.reclaim.free_epc(nid, css, 1, eremove=True)
                 raise
         except KernelError as e:
             return Fault.RETRY if e.errno == errno.EBUSY else Fault.SIGBUS
@@ -406,7 +403,7 @@ class Sgx(Reclaimer, BulkLoader):
         uncharge: Counter[tuple[int, MiscCss]] = Counter()
         for run in encl.pages:
             if run.state is RunState.LRU:
-                self._lru_unlink(run)
+                self.reclaim.lru_unlink(run)
                 uncharge[(run.node, run.css)] += len(run)
             elif run.state is RunState.ISOLATED:
                 run.state = RunState.ORPHAN
@@ -420,7 +417,7 @@ class Sgx(Reclaimer, BulkLoader):
             self.h.mem.memory_uncharge(encl.secs_memcg, 1, encl.owner)
         uncharge.update(encl.va)
         for (nid, css), n in uncharge.items():
-            self._free_epc(nid, css, n, eremove=True)
+            self.reclaim.free_epc(nid, css, n, eremove=True)
         encl.emptied()
         del self.enclaves[encl.id]
 
@@ -454,7 +451,7 @@ class Sgx(Reclaimer, BulkLoader):
         if vepc.released:
             return
         for run in vepc.pages:
-            self._free_epc(run.node, run.css, len(run), eremove=True)
+            self.reclaim.free_epc(run.node, run.css, len(run), eremove=True)
         vepc.emptied()
         del self.vepcs[vepc.id]
 

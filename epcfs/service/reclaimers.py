@@ -31,9 +31,9 @@ class Reclaimers:
     def kick(self) -> None:
         """After any model step: wake ksgxd if an allocation asked for it (the
         wake_up(&ksgxd_waitq) below SGX_NR_LOW_PAGES), and start queued work items."""
-        if self.sgx.take_ksgxd_wakeup():
+        if self.sgx.reclaim.take_ksgxd_wakeup():
             self.ksgxd_wake.set()
-        if any(css not in self.running for css in self.sgx.async_work):
+        if any(css not in self.running for css in self.sgx.reclaim.async_work):
             self.work_wake.set()
 
     async def run(self) -> None:
@@ -42,7 +42,7 @@ class Reclaimers:
             while True:
                 await self.work_wake.wait()
                 self.work_wake = trio.Event()
-                for css in list(self.sgx.async_work):
+                for css in list(self.sgx.reclaim.async_work):
                     if css not in self.running:
                         self.running.add(css)
                         nursery.start_soon(self.work_item, css)
@@ -55,11 +55,12 @@ class Reclaimers:
         while True:
             await self.ksgxd_wake.wait()
             self.ksgxd_wake = trio.Event()
-            await self.steps.drive("ksgxd", self.sgx.ksgxd.steps(), css=self.sgx.h.root.misc)
+            await self.steps.drive("ksgxd", self.sgx.reclaim.ksgxd.steps(),
+                                   css=self.sgx.h.root.misc)
 
     async def work_item(self, css: MiscCss) -> None:
         """sgx_cgroup_reclaim_work_func: rounds while the cgroup is near its limit."""
         try:
-            await self.steps.drive("work_item", self.sgx.work_item.steps(css), css=css)
+            await self.steps.drive("work_item", self.sgx.reclaim.work_item.steps(css), css=css)
         finally:
             self.running.discard(css)

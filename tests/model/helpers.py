@@ -61,10 +61,10 @@ def full_epc_with_one_reclaimable_page(h, sgx, pid):
     vepc = sgx.create_vepc(pid)
     while sgx.free_pages:
         assert sgx.vepc_fault(vepc, pid, vepc.nr_pages) is Fault.OK
-    assert sgx.take_ksgxd_wakeup()
-    sgx.ksgxd()  # writes the child back, and the SECS after its last child: 2 pages free
+    assert sgx.reclaim.take_ksgxd_wakeup()
+    sgx.reclaim.ksgxd()  # writes the child back, and the SECS after its last child: 2 pages free
     assert sgx.lru_pages(h.root.misc) == 0 and sgx.free_pages == 2
     assert sgx.fault(encl, pid, 0) is Fault.OK
     assert sgx.free_pages == 0 and sgx.lru_pages(h.root.misc) == 1
-    assert not sgx.take_ksgxd_wakeup()
+    assert not sgx.reclaim.take_ksgxd_wakeup()
     return encl, vepc

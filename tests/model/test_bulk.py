@@ -101,9 +101,10 @@ def execute(setup: dict, program: list, bulk: bool):
             elif kind == "sanitize":
                 result = sgx.sanitize(op[1])
             elif kind == "ksgxd":
-                result = sgx.ksgxd().scanned
+                result = sgx.reclaim.ksgxd().scanned
             elif kind == "async":
-                result = [sgx.work_item(css).scanned for css in list(sgx.async_work)]
+                result = [sgx.reclaim.work_item(css).scanned
+                          for css in list(sgx.reclaim.async_work)]
             elif kind == "max":
                 limited.misc.res[SGX_EPC].max = op[1] * PAGE_SIZE
         except KernelError as e:

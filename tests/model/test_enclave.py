@@ -17,7 +17,7 @@ PID = 100
 
 def evict_all(sgx, css):
     while sgx.lru_pages(css):
-        sgx.reclaim_pages(css)
+        sgx.reclaim.reclaim_pages(css)
 
 
 @pytest.fixture
@@ -116,9 +116,9 @@ def test_fault_loads_an_evicted_page_without_reclaim(env):
     assert encl.pages.get(0).state is RunState.EVICTED
     cg.misc.res["sgx_epc"].max = cg.misc.res["sgx_epc"].usage
     assert sgx.fault(encl, PID, 0) is Fault.RETRY  # EBUSY: at the limit, no reclaim here
-    assert cg.misc in sgx.async_work and sgx.should_reclaim(cg.misc)
-    while sgx.async_work:
-        sgx.work_item(cg.misc)
+    assert cg.misc in sgx.reclaim.async_work and sgx.reclaim.should_reclaim(cg.misc)
+    while sgx.reclaim.async_work:
+        sgx.reclaim.work_item(cg.misc)
     assert usage_pages(cg) < 64
     memory = cg.memory.usage
     assert sgx.fault(encl, PID, 0) is Fault.OK
@@ -241,7 +241,7 @@ def test_edmm_on_pages_held_by_the_reclaimer(env):
     encl = sgx.create(PID, 64 * PAGE_SIZE)
     sgx.add_pages(encl, PID, 0, 20, False)
     sgx.init(encl)
-    batch = sgx.isolate(cg.misc, None)  # pages 0..15
+    batch = sgx.reclaim.isolate(cg.misc, None)  # pages 0..15
     sgx.edmm.modify_types(encl, PID, 18, 1, SgxPageType.TRIM)
     sgx.edmm.accept(encl, 18, 1)
     with pytest.raises(KernelError) as e:
@@ -254,16 +254,16 @@ def test_edmm_on_pages_held_by_the_reclaimer(env):
     assert e.value.errno == errno.EBUSY
     assert sgx.edmm.remove_pages(encl, PID, 18, 1) == 1
     assert sgx.fault(encl, PID, 4) is Fault.OK  # served from the isolated page...
-    sgx.writeback(batch)
+    sgx.reclaim.writeback(batch)
     assert encl.pages.get(4).state is RunState.LRU  # ...so the age check kept it
-    sgx.free_batch(batch)
+    sgx.reclaim.free_batch(batch)
     check_invariants(sgx)
 
 
 def test_edmm_runs_direct_reclaim_first(env):
     h, sgx, cg = env
     encl = _loaded(sgx, cg, 300, 200)
-    assert usage_pages(cg) >= 200 - 32 and sgx.should_reclaim(cg.misc)  # limit > 128: -32
+    assert usage_pages(cg) >= 200 - 32 and sgx.reclaim.should_reclaim(cg.misc)  # limit > 128: -32
     before, usage = sgx.encls["EWB"], usage_pages(cg)
     sgx.edmm.restrict_permissions(encl, PID, encl.nr_pages - 1, 1)  # a resident page
     assert sgx.encls["EWB"] == before + 16 and usage_pages(cg) == usage - 16
@@ -282,7 +282,7 @@ def test_edmm_load_is_no_reclaim_eagain_or_efault():
     i = 0
     while sgx.vepc_fault(vepc, 200, i) is Fault.OK:  # b fills what a left of p's limit
         i += 1
-    assert usage_pages(parent) == 60 and not sgx.should_reclaim(a.misc)
+    assert usage_pages(parent) == 60 and not sgx.reclaim.should_reclaim(a.misc)
     with pytest.raises(KernelError) as e:  # no direct reclaim for a, the charge fails on p
         sgx.edmm.modify_types(encl, PID, 0, 1, SgxPageType.TRIM)
     assert e.value.errno == errno.EAGAIN
@@ -300,13 +300,13 @@ def test_release_frees_everything_and_leaves_isolated_pages_to_the_batch(env):
     h, sgx, cg = env
     encl = _loaded(sgx, cg, 300, 100)
     assert cg.memory.usage > 0
-    batch = sgx.isolate(cg.misc, None)
+    batch = sgx.reclaim.isolate(cg.misc, None)
     assert batch.scanned == 16
     sgx.release(encl)
     assert usage_pages(cg) == 16 and cg.memory.usage == 0
     check_invariants(sgx)
-    assert sgx.writeback(batch) == 0
-    assert sgx.free_batch(batch) == 16
+    assert sgx.reclaim.writeback(batch) == 0
+    assert sgx.reclaim.free_batch(batch) == 16
     assert usage_pages(cg) == 0 and sgx.free_pages == sgx.epc.total_pages
     check_invariants(sgx)
     sgx.release(encl)  # twice is harmless
@@ -319,12 +319,12 @@ def test_release_frees_everything_and_leaves_isolated_pages_to_the_batch(env):
 def test_release_between_writeback_and_free(env):
     h, sgx, cg = env
     encl = _loaded(sgx, cg, 300, 100)
-    batch = sgx.isolate(cg.misc, PID)
-    assert sgx.writeback(batch) == 16
+    batch = sgx.reclaim.isolate(cg.misc, PID)
+    assert sgx.reclaim.writeback(batch) == 16
     sgx.release(encl)
     check_invariants(sgx)
     assert usage_pages(cg) == 16  # the emptied pages are still the batch's
-    sgx.free_batch(batch)
+    sgx.reclaim.free_batch(batch)
     assert usage_pages(cg) == 0 and cg.memory.usage == 0
     check_invariants(sgx)
 

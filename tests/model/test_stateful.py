@@ -68,8 +68,8 @@ class EpcMachine(RuleBasedStateMachine):
         check_invariants(self.sgx)
         for batch in self.batches:
             if batch.stage is Stage.ISOLATED:
-                self.sgx.writeback(batch)
-            self.sgx.free_batch(batch)
+                self.sgx.reclaim.writeback(batch)
+            self.sgx.reclaim.free_batch(batch)
         for encl in self.encls:
             self.sgx.release(encl)
         for vepc in self.vepcs:
@@ -340,7 +340,7 @@ class EpcMachine(RuleBasedStateMachine):
 
     @rule(which=INDEX, pid=st.one_of(st.none(), PIDS))
     def isolate(self, which, pid) -> None:
-        self.batches.append(self.sgx.isolate(pick(self._csses(), which), pid))
+        self.batches.append(self.sgx.reclaim.isolate(pick(self._csses(), which), pid))
 
     @rule(which=INDEX)
     def batch_step(self, which) -> None:
@@ -348,23 +348,23 @@ class EpcMachine(RuleBasedStateMachine):
         if batch is None:
             return
         if batch.stage is Stage.ISOLATED:
-            self.sgx.writeback(batch)
+            self.sgx.reclaim.writeback(batch)
         else:
-            self.sgx.free_batch(batch)
+            self.sgx.reclaim.free_batch(batch)
             self.batches.remove(batch)
 
     @rule(which=st.sampled_from(["global", "ksgxd", "async", "direct"]), pid=PIDS)
     def reclaim(self, which, pid) -> None:
         if which == "global":
-            self.sgx.reclaim_global(pid)
+            self.sgx.reclaim.reclaim_global(pid)
         elif which == "ksgxd":
-            self.sgx.take_ksgxd_wakeup()
-            self.sgx.ksgxd()
+            self.sgx.reclaim.take_ksgxd_wakeup()
+            self.sgx.reclaim.ksgxd()
         elif which == "async":
-            for css in list(self.sgx.async_work):
-                self.sgx.work_item(css)
+            for css in list(self.sgx.reclaim.async_work):
+                self.sgx.reclaim.work_item(css)
         else:
-            self.sgx.reclaim_direct(pid)
+            self.sgx.reclaim.reclaim_direct(pid)
 
     @rule(count=st.integers(0, 100))
     def sanitize(self, count) -> None:
@@ -410,15 +410,15 @@ class InterleavedMachine(EpcMachine):
                     steps = sgx.edmm.modify_types.steps(encl, encl.owner, first, n, ptype)
                 self.tasks.append([steps, encl.owner, encl, edmm])
         elif kind == "ksgxd":
-            self.tasks.append([sgx.ksgxd.steps(), None, None, ()])
+            self.tasks.append([sgx.reclaim.ksgxd.steps(), None, None, ()])
         elif kind == "work":
-            css = pick(list(sgx.async_work), which)
+            css = pick(list(sgx.reclaim.async_work), which)
             if css is not None:
-                self.tasks.append([sgx.work_item.steps(css), None, None, ()])
+                self.tasks.append([sgx.reclaim.work_item.steps(css), None, None, ()])
         elif kind == "direct":
-            self.tasks.append([sgx.reclaim_direct.steps(pid), pid, None, ()])
+            self.tasks.append([sgx.reclaim.reclaim_direct.steps(pid), pid, None, ()])
         else:
-            self.tasks.append([sgx.reclaim_global.steps(pid), pid, None, ()])
+            self.tasks.append([sgx.reclaim.reclaim_global.steps(pid), pid, None, ()])
 
     @rule(which=INDEX, times=st.integers(1, 4))
     def step_task(self, which, times) -> None:

@@ -38,8 +38,8 @@ def test_enomem_is_sigbus_and_ebusy_is_retry():
     encl = sgx.create(VMM, 1 << 20)
     sgx.add_pages(encl, VMM, 0, 35, False)
     assert sgx.vepc_fault(vepc, VMM, 3) is Fault.RETRY  # an LRU page exists: EBUSY
-    assert list(sgx.async_work) == [cg.misc]
-    sgx.work_item(cg.misc)
+    assert list(sgx.reclaim.async_work) == [cg.misc]
+    sgx.reclaim.work_item(cg.misc)
     assert sgx.vepc_fault(vepc, VMM, 3) is Fault.OK
     check_invariants(sgx)
 
@@ -55,9 +55,9 @@ def test_vepc_fault_retries_while_nothing_can_reclaim_for_it():
     encl, vepc = full_epc_with_one_reclaimable_page(h, sgx, VMM)
     for _ in range(3):
         assert sgx.vepc_fault(vepc, VMM, vepc.nr_pages) is Fault.RETRY
-        assert list(sgx.async_work) == [h.root.misc]
-        assert not sgx.work_item(h.root.misc).scanned and not sgx.async_work
-        assert not sgx.take_ksgxd_wakeup()
+        assert list(sgx.reclaim.async_work) == [h.root.misc]
+        assert not sgx.reclaim.work_item(h.root.misc).scanned and not sgx.reclaim.async_work
+        assert not sgx.reclaim.take_ksgxd_wakeup()
     check_invariants(sgx)
     sgx.release(encl)
     assert sgx.vepc_fault(vepc, VMM, vepc.nr_pages) is Fault.OK
