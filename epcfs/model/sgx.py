@@ -1,12 +1,16 @@
 """The SGX EPC subsystem of a kernel carrying the EPC cgroup series (v17): allocation with
-misc charging, enclaves (SGX1 build, SGX2 EDMM), vEPC, and reclamation (reclaim.py).
+misc charging, enclave build and faults, vEPC. Its parts with a job of their own hang
+off it: reclamation (Sgx.reclaim, reclaim.py), bulk loading (Sgx.loader, bulk.py) and
+the EDMM ioctls (Sgx.edmm, edmm.py).
 
-Sgx is the one object the service drives. Every call is synchronous and either completes,
-raises KernelError (the kernel's errno; `count` for the multi-page ioctls), or raises
-Blocked (the kernel would spin waiting for an OOM victim; call again later). Each call
-counts the ENCLS leaves it performed in `encls`, which the service turns into time.
-Signals are the service's: where the kernel checks signal_pending (ERESTARTSYS between
-pages or reclaim rounds), the service simply stops calling and answers EINTR.
+Sgx is the one object the service drives. Long operations are engine operations
+(engine.py): called plainly they run to completion with the synchronous driver;
+`.steps(...)` gives the step sequence the service's driver paces. Every call either
+completes, raises KernelError (the kernel's errno; `count` for the multi-page ioctls),
+or, with the synchronous driver, raises Blocked (the kernel would spin waiting for an
+OOM victim; call again later). The ENCLS leaves performed are counted in `encls`,
+which the service turns into time. Signals are the service's: where the kernel checks
+signal_pending, the service closes the operation between steps.
 
 The caller of every operation is a pid: its cgroup picks the misc css charged for the EPC
 pages it allocates (Hierarchy.misc_of) and, on the synchronous paths, the memcg charged
@@ -58,7 +62,7 @@ class Fault(Enum):
     """Any other failure (ENOMEM: nothing reclaimable): the task gets SIGBUS."""
 
 
-class Sgx(BulkLoader):
+class Sgx:
     """EPC sections on NUMA nodes, the enclaves and vEPCs using them, and their reclaim.
 
     Constructed with the cgroup hierarchy and the EPC sections as (numa_node, bytes);
@@ -80,6 +84,8 @@ class Sgx(BulkLoader):
         self.vepcs: dict[int, Vepc] = {}
         self.reclaim = Reclaim(hierarchy, self.epc, self.encls)
         """Reclamation: LRUs, batches, ksgxd and the work items (reclaim.py)."""
+        self.loader = BulkLoader(self)
+        """ADD_PAGES in closed form (bulk.py), when `bulk`."""
         self.edmm = Edmm(self)
         """The SGX2 EDMM ioctls and EACCEPT (edmm.py)."""
         self._next_id = 1
@@ -186,7 +192,7 @@ class Sgx(BulkLoader):
             self._add_va(encl, (yield from self._alloc(css, pid, reclaim, pref)), css)
         encl.grown()
 
-    def _insert_resident(self, encl: Enclave, run: Run) -> None:
+    def insert_resident(self, encl: Enclave, run: Run) -> None:
         """A new child page is in EPC: into the page map, onto the LRU tail."""
         encl.pages.insert(run)
         encl.children_added(len(run))
@@ -249,8 +255,8 @@ class Sgx(BulkLoader):
                 raise KernelError(errno.EBUSY, f"page {i} already added", count=done)
             if self.bulk:
                 room = count - done if nxt is None else min(count - done, nxt - i)
-                n = self._bulk_add(encl, pid, css, i, room if alone else min(room, ADD_CHUNK),
-                                   measured, page_type, pref, rounds=alone)
+                n = self.loader.add(encl, pid, css, i, room if alone else min(room, ADD_CHUNK),
+                                    measured, page_type, pref, rounds=alone)
                 if n:
                     done += n
                     yield
@@ -273,7 +279,7 @@ class Sgx(BulkLoader):
         self.encls["EADD"] += 1
         if measured:
             self.encls["EEXTEND"] += SGX_EEXTENDS_PER_PAGE
-        self._insert_resident(encl, Run(i, i + 1, RunState.LRU, encl, node=nid, css=css,
+        self.insert_resident(encl, Run(i, i + 1, RunState.LRU, encl, node=nid, css=css,
                                         ptype=page_type))
 
     def init(self, encl: Enclave) -> None:
@@ -381,7 +387,7 @@ class Sgx(BulkLoader):
         except KernelError as e:
             return Fault.RETRY if e.errno == errno.EBUSY else Fault.SIGBUS
         self.encls["EAUG"] += 1
-        self._insert_resident(encl, Run(page_index, page_index + 1, RunState.LRU, encl,
+        self.insert_resident(encl, Run(page_index, page_index + 1, RunState.LRU, encl,
                                         node=nid, css=css, young=True))
         return Fault.OK
 
