@@ -224,10 +224,14 @@ def remove_phases(sgx: Sgx, encl, heap: int, budget: float,
         edmm_range(sgx, lambda a, c: sgx.edmm.modify_types(encl, PID, a, c, SgxPageType.TRIM),
                    first + done, n)
 
-    def accept(done: int, n: int) -> None:
-        for i in range(first + done, first + done + n):
-            faulted(sgx, encl, i)
-            sgx.edmm.accept(encl, i, 1)
+    def accept(done: int, n: int) -> None:  # as the enclave server does it
+        i, end = first + done, first + done + n
+        while i < end:
+            i += sgx.touch_resident(encl, i, end - i)
+            if i < end:
+                faulted(sgx, encl, i)
+                i += 1
+        sgx.edmm.accept(encl, first + done, n)
 
     def remove(done: int, n: int) -> None:
         edmm_range(sgx, lambda a, c: sgx.edmm.remove_pages(encl, PID, a, c), first + done, n)

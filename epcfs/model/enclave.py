@@ -119,11 +119,11 @@ class Enclave:
         self.secs_node, self.secs_css = nid, css
         self.secs_memcg = None
 
-    def child_removed(self) -> None:
-        """REMOVE_PAGES freed one child."""
-        self.secs_child_cnt -= 1
-        self.nr_pages -= 1
-        self.page_cnt -= 1
+    def child_removed(self, count: int = 1) -> None:
+        """REMOVE_PAGES freed `count` children."""
+        self.secs_child_cnt -= count
+        self.nr_pages -= count
+        self.page_cnt -= count
 
     def emptied(self) -> None:
         """Released: nothing left anywhere."""

@@ -67,8 +67,8 @@ class Sgx:
 
     Constructed with the cgroup hierarchy and the EPC sections as (numa_node, bytes);
     it sets misc capacity for sgx_epc to their sum. Pages start dirty: ksgxd's boot pass
-    (sanitize) makes them free. `bulk=False` turns off the fast path of add_pages (the
-    results are identical; tests compare the two).
+    (sanitize) makes them free. `bulk=False` turns off the fast paths of add_pages and
+    of the EDMM ioctls over runs (the results are identical; tests compare the two).
     """
 
     def __init__(self, hierarchy: Hierarchy, sections: list[tuple[int, int]], *,
@@ -330,6 +330,30 @@ class Sgx:
             pages.runs[k].young = True
             pages.merge_at(k)
         return Fault.OK
+
+    def touch_resident(self, encl: Enclave, first: int, count: int) -> int:
+        """Accesses to the pages from `first` on that are resident, as many in a row as
+        there are (at most `count`): each is mapped and its accessed bit set, exactly as
+        fault() does for one resident page, but a run at a time. Returns how many; the
+        page after them (evicted, absent or outside) needs fault()."""
+        if encl.released or first < 0:
+            return 0
+        pages = encl.pages
+        end = min(first + count, encl.size_pages)
+        pos = first
+        for run in pages.overlapping(first, end):
+            if run.start > pos or run.state is RunState.EVICTED:
+                break
+            pos = min(run.end, end)
+        if pos == first:
+            return 0
+        for run in pages.isolate(first, pos):
+            run.young = True
+        for run in pages.overlapping(first, pos):
+            k = pages.find(run.start)
+            if k >= 0:
+                pages.merge_at(k)
+        return pos - first
 
     def _eldu(self, encl: Enclave, pid: int, i: int, pref: list[int], young: bool) -> None:
         """sgx_encl_load_page for an evicted child: SECS first if needed, then ELDU the

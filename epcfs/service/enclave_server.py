@@ -168,6 +168,20 @@ class EnclaveServer:
         return await self.steps.drive(name, steps, css=self.sgx.h.misc_of(conn.pid),
                                       alive=alive)
 
+    async def touch_in(self, conn: Connection, encl: Enclave, first: int,
+                       count: int) -> dict | None:
+        """The enclave accesses `count` pages from `first`: runs of resident pages take
+        one step each, every other page goes through the fault handler. Returns a SIGBUS
+        reply if the kernel would have sent one."""
+        i, end = first, first + count
+        while i < end:
+            i += await self.step(conn, self.sgx.touch_resident, encl, i, end - i)
+            if i < end:
+                if bus := await self.fault_in(conn, self.sgx.fault, encl, i, 1):
+                    return bus
+                i += 1
+        return None
+
     async def fault_in(self, conn: Connection, fn: Callable, encl, first: int,
                        count: int) -> dict | None:
         """Accesses to `count` pages: each retried while the fault handler says RETRY,
@@ -218,8 +232,8 @@ async def _init(srv: EnclaveServer, conn: Connection, req: dict) -> dict:
 
 async def _touch(srv: EnclaveServer, conn: Connection, req: dict) -> dict:
     encl = _enclave(conn)
-    return await srv.fault_in(conn, srv.sgx.fault, encl, int(req["offset"]),
-                              int(req["count"])) or {"ok": True}
+    return await srv.touch_in(conn, encl, int(req["offset"]), int(req["count"])) or {
+        "ok": True}
 
 
 async def _augment(srv: EnclaveServer, conn: Connection, req: dict) -> dict:
@@ -245,17 +259,13 @@ def _edmm(method: str, *extra: str) -> Handler:
 
 
 async def _accept(srv: EnclaveServer, conn: Connection, req: dict) -> dict:
-    """EACCEPT runs inside the enclave: each page is accessed (faulted in) first."""
+    """EACCEPT runs inside the enclave: the pages are accessed (faulted in) first, then
+    accepted, a run at a time."""
     encl = _enclave(conn)
     first, count = int(req["offset"]), int(req["count"])
-    for c in range(count):
-        bus = await srv.fault_in(conn, srv.sgx.fault, encl, first + c, 1)
-        if bus:
-            return bus
-        try:
-            await srv.step(conn, srv.sgx.edmm.accept, encl, first + c, 1)
-        except KernelError as e:
-            return {"errno": e.errno, "count": c}
+    if bus := await srv.touch_in(conn, encl, first, count):
+        return bus
+    await srv.step(conn, srv.sgx.edmm.accept, encl, first, count)
     return {"ok": True, "count": count}
 
 

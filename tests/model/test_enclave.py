@@ -11,6 +11,7 @@ from epcfs.model.invariants import check_invariants
 from epcfs.model.runs import RunState
 
 from .helpers import MiB, cgroup, encl_size, make_sgx, usage_pages
+from .snapshot import snapshot
 
 PID = 100
 
@@ -347,3 +348,38 @@ def test_blocked_when_the_backing_store_cannot_be_charged():
     assert sgx.add_pages(encl, PID, added, 200 - added, False) == 200 - added
     assert h.oom_kills == [200, PID]  # the caller became the victim: forced through
     check_invariants(sgx)
+
+
+def test_touching_resident_runs_equals_faulting_each_page():
+    """touch_resident (the enclave server's way over runs) leaves the model exactly as
+    faulting every page does: accessed bits set, evicted pages loaded, absent ones
+    EAUGed, the same counters."""
+
+    def build():
+        h, sgx = make_sgx((0, 2 * MiB))  # 512 pages
+        cgroup(h, "/t", PID, misc_max=300 * PAGE_SIZE)
+        encl = sgx.create(PID, 1 << 22)
+        sgx.add_pages(encl, PID, 0, 400, False)  # the first ~100 are written back
+        sgx.init(encl)
+        sgx.fault(encl, PID, 250)
+        return h, sgx, encl
+
+    def fault(h, sgx, encl, i):  # retried as the enclave server does, the work item between
+        while (outcome := sgx.fault(encl, PID, i)) is Fault.RETRY:
+            sgx.reclaim.work_item(h.root.children["t"].misc)
+        assert outcome is Fault.OK
+
+    h1, one, e1 = build()
+    h2, runs, e2 = build()
+    for a, b in ((60, 140), (380, 420)):  # evicted then resident; resident then absent
+        for i in range(a, b):
+            fault(h1, one, e1, i)
+        i = a
+        while i < b:
+            i += runs.touch_resident(e2, i, b - i)
+            if i < b:
+                fault(h2, runs, e2, i)
+                i += 1
+    assert one.encls["ELDU"] > 0 and one.encls["EAUG"] > 0
+    assert snapshot(one) == snapshot(runs)
+    check_invariants(runs)
