@@ -21,7 +21,7 @@ from .timing import cost
 
 T = TypeVar("T")
 
-RETRY_TICK = 0.001
+WAIT_TICK = 0.001
 """Seconds before an operation that WAITs (the kernel spins in cond_resched until an OOM
 victim exits) is resumed: the kernel retries at once; the tick lets the victim's exit
 and the reclaimers run meanwhile."""
@@ -69,7 +69,7 @@ class Stepper:
                     self.settle()
                     await trio.sleep(cost(before, self.sgx.encls, self.scale))
                 if step is WAIT:
-                    await trio.sleep(RETRY_TICK)
+                    await trio.sleep(WAIT_TICK)
         except StopIteration as stop:
             return stop.value
         finally:
