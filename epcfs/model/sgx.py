@@ -209,13 +209,14 @@ class Sgx:
             raise KernelError(errno.EINVAL, f"enclave size {size_bytes} is not a power of two")
         css = self.h.misc_of(pid)
         pref = self.epc.preference(node)
+        # The id is taken before the first step: creates that reclaim interleave.
         encl = Enclave(self._next_id, pid, size_bytes // PAGE_SIZE)
+        self._next_id += 1
         yield from self._grow(encl, css, pid, True, pref)
         ((va_node, _),) = encl.va
         with self._given_back_on_failure(va_node, css):
             encl.secs_loaded((yield from self._alloc(css, pid, True, pref)), css)
         self.encls["ECREATE"] += 1
-        self._next_id += 1
         self.enclaves[encl.id] = encl
         return encl
 

@@ -383,3 +383,26 @@ def test_touching_resident_runs_equals_faulting_each_page():
     assert one.encls["ELDU"] > 0 and one.encls["EAUG"] > 0
     assert snapshot(one) == snapshot(runs)
     check_invariants(runs)
+
+
+def test_creates_that_interleave_get_distinct_enclaves():
+    """ECREATE may reclaim, so two can be between their steps at once (the daemon runs
+    them so): each gets its own id, and both are released cleanly."""
+    h, sgx = make_sgx((0, MiB))  # 256 pages
+    cgroup(h, "/t", PID, PID + 1, misc_max=20 * PAGE_SIZE)
+    filler = sgx.create(PID, 1 << 20)
+    sgx.add_pages(filler, PID, 0, 18, False)  # at the limit: each create must reclaim
+    first, second = sgx.create.steps(PID, 1 << 20), sgx.create.steps(PID + 1, 1 << 20)
+    next(first)  # isolated a batch, between its steps
+    made = []
+    for steps in (second, first):
+        try:
+            while True:
+                next(steps)
+        except StopIteration as stop:
+            made.append(stop.value)
+    assert made[0].id != made[1].id and len(sgx.enclaves) == 3
+    for encl in (*made, filler):
+        sgx.release(encl)
+    assert not sgx.enclaves and usage_pages(h.root) == 0
+    check_invariants(sgx)
