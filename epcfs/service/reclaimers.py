@@ -1,10 +1,10 @@
 """The reclaimers as trio tasks: ksgxd and the per-cgroup async work items.
 
-The model's engine has their loops (Sgx.reclaim.ksgxd and .work_item); these tasks decide when
-to run them and drive them through the Stepper, each batch's steps (isolate → write
-back → free) with their cost in time between them, so enclave operations, releases and
-file reads interleave with reclaim as on a real machine, where ksgxd and the sgx_cg_wq
-workers run on other CPUs.
+The model's engine has their loops (Sgx.reclaim.ksgxd and Sgx.reclaim.work_item);
+these tasks decide when to run them and drive them through the Stepper, each batch's
+steps (isolate → write back → free) with their cost in time between them, so enclave
+operations, releases and file reads interleave with reclaim as on a real machine,
+where ksgxd and the sgx_cg_wq workers run on other CPUs.
 """
 
 from __future__ import annotations
