@@ -263,7 +263,7 @@ def serve(cfg: MountConfig, ready) -> int:
         hierarchy.write_subtree_control(
             hierarchy.root, " ".join("+" + name for name in cfg.root_controllers.split()))
     sections = cfg.sections or [(0, cfg.capacity)]
-    sgx = Sgx(hierarchy, sections, stepwise_reclaim=True)
+    sgx = Sgx(hierarchy, sections)
     # The machine booted long before anyone could look: ksgxd's EREMOVE pass over every
     # EPC page is done before the mount answers (its time is not spent; a selftest run
     # right after mounting must not meet a half-sanitized EPC and fail with ENOMEM).
@@ -283,7 +283,7 @@ def serve(cfg: MountConfig, ready) -> int:
     fs.sized_files = cfg.file_size == "content"
     steps = Stepper(sgx, tracker, cfg.time_scale)
     reclaimers = Reclaimers(sgx, steps)
-    server = EnclaveServer(sgx, tracker, sections, steps, reclaimers)
+    server = EnclaveServer(sgx, tracker, sections, steps)
     socket_path = cfg.enclave_socket or default_socket(cfg.mountpoint)
     options = set(pyfuse3.default_options)
     options |= {"fsname=epcfs", "subtype=epcfs", "allow_other"}
