@@ -18,6 +18,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 
+from ..host.membership import MODES as MEMBERSHIP_MODES
 from ..model.constants import SGX_MAX_EPC_SECTIONS
 from ..units import parse_size
 from .timing import DEFAULT_SCALE
@@ -56,6 +57,9 @@ class MountConfig:
     directory holding two hierarchies, `misc` and `memory` (root_controllers unused)."""
     trace: str | None = None
     """Where to write a Chrome trace-event file of the run (trace.ChromeTrace)."""
+    membership: str = "auto"
+    """Who tracks which process is in which cgroup (MEMBERSHIP_MODES): "cgroup",
+    the kernel in a mirror of the tree; "events", fork events; "auto": cgroup if it can."""
     foreground: bool = False
     debug: bool = False
     fuse_debug: bool = False
@@ -100,6 +104,11 @@ def add_mount_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trace", metavar="FILE", default=None,
                    help="write a Chrome trace-event file (ui.perfetto.dev, chrome://tracing) "
                         "of EPC use, reclaim and failures per cgroup, as it happens")
+    p.add_argument("--membership", choices=MEMBERSHIP_MODES, default=None,
+                   help="cgroup: the kernel tracks processes, in real cgroups mirroring "
+                        "the tree below the daemon's own cgroup2 cgroup (v1 layout: in named "
+                        "v1 hierarchies); events: the proc connector's fork events do; auto "
+                        "(default): cgroup where it works")
 
 
 def parse_section(text: str) -> tuple[int, int]:
@@ -143,6 +152,7 @@ def config_from_args(args: argparse.Namespace, mountpoint: str) -> MountConfig:
         cgroup_version=getattr(args, "cgroup_version", None) or 2,
         file_size=getattr(args, "file_size", None) or MountConfig.file_size,
         trace=os.path.abspath(args.trace) if getattr(args, "trace", None) else None,
+        membership=getattr(args, "membership", None) or MountConfig.membership,
         foreground=getattr(args, "foreground", False) or getattr(args, "debug", False),
         debug=getattr(args, "debug", False),
     )
@@ -243,7 +253,7 @@ def serve(cfg: MountConfig, ready) -> int:
     from ..fs import loop as fuse_loop
     from ..fs.cftype import Context
     from ..fs.ops import CgroupFs
-    from ..fs.procs import LegacyTrackers, ProcessTracker
+    from ..host.membership import LegacyTrackers, open_tracker
     from ..model.cgroup import Hierarchy
     from ..model.sgx import Sgx
     from ..protocol import default_socket
@@ -261,19 +271,23 @@ def serve(cfg: MountConfig, ready) -> int:
         hierarchy.write_subtree_control(
             hierarchy.root, " ".join("+" + name for name in cfg.root_controllers.split()))
     sections = cfg.sections or [(0, cfg.capacity)]
-    sgx = Sgx(hierarchy, sections, stepwise_reclaim=True)
+    sgx = Sgx(hierarchy, sections)
     # The machine booted long before anyone could look: ksgxd's EREMOVE pass over every
     # EPC page is done before the mount answers (its time is not spent; a selftest run
     # right after mounting must not meet a half-sanitized EPC and fail with ENOMEM).
     sgx.sanitize_all()
-    if cfg.cgroup_version == 1:
-        contexts = (Context(hierarchy, ProcessTracker(hierarchy)),
-                    Context(hierarchy.mem, ProcessTracker(hierarchy.mem)))
-        tracker = LegacyTrackers(*(c.tracker for c in contexts))
-        fs = CgroupFs(contexts[0], v1=contexts)
-    else:
-        tracker = ProcessTracker(hierarchy)
-        fs = CgroupFs(Context(hierarchy, tracker))
+    try:
+        if cfg.cgroup_version == 1:
+            contexts = tuple(Context(h, open_tracker(h, cfg.membership))
+                             for h in (hierarchy, hierarchy.mem))
+            tracker = LegacyTrackers(*(c.tracker for c in contexts))
+            fs = CgroupFs(contexts[0], v1=contexts)
+        else:
+            tracker = open_tracker(hierarchy, cfg.membership)
+            fs = CgroupFs(Context(hierarchy, tracker))
+    except OSError as e:
+        log.error("--membership %s: %s", cfg.membership, e)
+        return 1
     fs.sized_files = cfg.file_size == "content"
     steps = Stepper(sgx, tracker, cfg.time_scale)
     if cfg.trace:
@@ -283,7 +297,7 @@ def serve(cfg: MountConfig, ready) -> int:
             log.error("--trace %s: %s", cfg.trace, e.strerror)
             return 1
     reclaimers = Reclaimers(sgx, steps)
-    server = EnclaveServer(sgx, tracker, sections, steps, reclaimers)
+    server = EnclaveServer(sgx, tracker, sections, steps)
     socket_path = cfg.enclave_socket or default_socket(cfg.mountpoint)
     options = set(pyfuse3.default_options)
     options |= {"fsname=epcfs", "subtype=epcfs", "allow_other"}

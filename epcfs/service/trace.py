@@ -9,7 +9,10 @@ which ui.perfetto.dev and chrome://tracing open:
   `misc.current`, `misc.max` (while limited), `memory.current`, plus `EPC free`;
 - durations (`X`) for reclaim rounds (sync per charging process, direct before EDMM
   pages, ksgxd, the per-cgroup async work) and EDMM ioctls, on one track per client
-  process, one for ksgxd and one per cgroup's work item;
+  process, one for ksgxd and one per cgroup's work item. They come from the one place
+  every engine operation passes through, Stepper.drive: after each step the operation's
+  generator chain (`gi_yieldfrom`) says which engine operations are in progress, and a
+  round (`cgroup_reclaim_pages`) is named by the operation it serves (ROUND_NAMES);
 - instants for failed charges (misc.events.local `max` rising) and OOM kills
   (memory.events.local `oom_kill` rising) per cgroup, ENOMEM and SIGBUS replies, and a
   process's moves between cgroups and its exit, on the process's track.
@@ -29,11 +32,11 @@ import json
 import os
 import time
 from collections import Counter
-from collections.abc import Iterator
-from contextvars import ContextVar
+from collections.abc import Generator, Mapping
 from typing import TYPE_CHECKING
 
 from ..model.constants import PAGE_COUNTER_MAX, PAGE_SIZE, SGX_EPC, U64_MAX
+from ..model.engine import Steps
 from ..protocol import MAX_MESSAGE, encode
 from .timing import cost
 
@@ -52,19 +55,63 @@ METERED = ("EWB", "ELDU")
 TRACK_BASE = 10_000_000
 """First tid of the named tracks (ksgxd, work items): above any pid (pid_max ≤ 2^22)."""
 
-_spans: ContextVar[tuple[Span, ...]] = ContextVar("epcfs_trace_spans", default=())
-"""The spans open in this trio task, outermost first (a task's context is its own)."""
-_behalf: ContextVar[MiscCss | None] = ContextVar("epcfs_trace_behalf", default=None)
-"""The misc css whose pages this task's model steps work on (EWB/ELDU attribution)."""
+ROUND = "cgroup_reclaim_pages"
+"""The engine operation that is one reclaim round, whoever runs it (model/reclaim.py)."""
+
+BATCH = "reclaim_pages"
+"""The engine operation that is one batch: its EWBs count for the css it scans."""
+
+ROUND_NAMES = {"reclaim_direct": "direct reclaim", "ksgxd": "ksgxd reclaim",
+               "work_item": "async reclaim"}
+"""A round's duration is named by the nearest of these operations above it in the
+chain; under none (an allocation's try_charge or its global fallback) it is the
+charging process's "sync reclaim"."""
+
+OPERATION_SPANS = ("restrict_permissions", "modify_types", "remove_pages")
+"""Operations that are a duration of their own (the EDMM ioctls, with their page count):
+the others are short, or their time is in their rounds."""
 
 
-class Span:
-    """One open duration; the simulated cost of the steps inside it accumulates here."""
+def _chain(steps: Steps) -> list[Generator]:
+    """The generators an operation is suspended in, outermost first."""
+    chain = []
+    g = steps
+    while g is not None and hasattr(g, "gi_code"):
+        chain.append(g)
+        g = g.gi_yieldfrom
+    return chain
 
-    __slots__ = ("cost_us",)
 
-    def __init__(self) -> None:
-        self.cost_us = 0.0
+def _local(g: Generator, name: str):
+    """A local variable (an argument) of a suspended or not yet started generator."""
+    return g.gi_frame.f_locals.get(name) if g.gi_frame is not None else None
+
+
+class Operation:
+    """One engine operation as the tracer sees it, step by step (Stepper.drive): `css`
+    is whom it works for, `pid` the process it runs for (None: a kernel thread)."""
+
+    def __init__(self, tracer: Tracer, name: str, steps: Steps, css: MiscCss | None,
+                 pid: int | None) -> None:
+        self.tracer = tracer
+        self.name = name
+        self.steps = steps
+        self.css = css
+        self.pid = pid
+
+    def stepped(self, before: Mapping[str, int], after: Mapping[str, int]) -> None:
+        """Right after a step: its EWB/ELDU count for the css a batch in progress scans,
+        else for the operation's css."""
+        if any(after.get(leaf, 0) != before.get(leaf, 0) for leaf in METERED):
+            batches = [g for g in _chain(self.steps) if g.gi_code.co_name == BATCH]
+            css = _local(batches[-1], "css") if batches else self.css
+            self.tracer.step(before, after, css)
+
+    def settled(self) -> None:
+        """After the step's time was spent (ChromeTrace: durations begin and end)."""
+
+    def end(self) -> None:
+        """The operation finished, failed or was abandoned."""
 
 
 class Tracer:
@@ -73,28 +120,20 @@ class Tracer:
     def __init__(self) -> None:
         self.leaves: dict[MiscCss, Counter[str]] = {}
 
-    @contextlib.contextmanager
-    def on_behalf(self, css: MiscCss) -> Iterator[None]:
-        """Model steps inside are work on `css`'s pages: its EWB/ELDU count."""
-        token = _behalf.set(css)
-        try:
-            yield
-        finally:
-            _behalf.reset(token)
+    def operation(self, name: str, steps: Steps, css: MiscCss | None,
+                  pid: int | None) -> Operation:
+        """An engine operation Stepper.drive is about to run (see Operation)."""
+        return Operation(self, name, steps, css, pid)
 
-    def step(self, before: dict[str, int], after: Counter[str]) -> None:
-        """After each model step (Stepper): its leaves go to the css worked for."""
-        css = _behalf.get()
+    def step(self, before: Mapping[str, int], after: Mapping[str, int],
+             css: MiscCss | None) -> None:
+        """After a model step: its leaves go to `css`, the css worked for (None: none)."""
         if css is None:
             return
         for leaf in METERED:
             n = after.get(leaf, 0) - before.get(leaf, 0)
             if n:
                 self.leaves.setdefault(css, Counter())[leaf] += n
-
-    def span(self, name: str, track: int | str, **args) -> contextlib.AbstractContextManager:
-        """A duration on `track` (a client pid, or a named track such as "ksgxd")."""
-        return contextlib.nullcontext()
 
     def instant(self, name: str, track: int | str | None, **args) -> None:
         """A moment on `track` (None: the daemon's process-wide track)."""
@@ -195,28 +234,18 @@ class ChromeTrace(Tracer):
                         "args": {"name": name}})
         return tid
 
-    def step(self, before: dict[str, int], after: Counter[str]) -> None:
-        super().step(before, after)
-        spans = _spans.get()
-        if spans:
-            spent = cost(before, after, 1.0) * 1e6
-            for span in spans:
-                span.cost_us += spent
+    def operation(self, name: str, steps: Steps, css: MiscCss | None,
+                  pid: int | None) -> Operation:
+        return TracedOperation(self, name, steps, css, pid)
 
-    @contextlib.contextmanager
-    def span(self, name: str, track: int | str, **args) -> Iterator[Span]:
-        span = Span()
-        token = _spans.set((*_spans.get(), span))
-        start = time.time()
-        try:
-            yield span
-        finally:
-            end = time.time()
-            _spans.reset(token)
-            self._emit({"name": name, "ph": "X", "ts": round(start * 1e6, 1),
-                        "dur": round((end - start) * 1e6, 1), "pid": self.pid,
-                        "tid": self._tid(track),
-                        "args": {**args, "cost_us": round(span.cost_us, 1)}})
+    def duration(self, name: str, track: int | str, start: float, cost_us: float,
+                 **args) -> None:
+        """A duration on `track` from wall time `start` to now; `cost_us` is the
+        simulated cost of the ENCLS work done in it."""
+        end = time.time()
+        self._emit({"name": name, "ph": "X", "ts": round(start * 1e6, 1),
+                    "dur": round((end - start) * 1e6, 1), "pid": self.pid,
+                    "tid": self._tid(track), "args": {**args, "cost_us": round(cost_us, 1)}})
 
     def instant(self, name: str, track: int | str | None, **args) -> None:
         self._emit({"name": name, "ph": "i", "s": "t" if track is not None else "p",
@@ -277,6 +306,80 @@ class ChromeTrace(Tracer):
                     "ts": round(time.time() * 1e6, 1), "pid": self.pid, "tid": 0})
         self.file.write("\n]\n")  # now strict JSON
         self.file.close()
+
+
+class Span:
+    """A duration in progress: where it goes, when it began, what it cost so far."""
+
+    __slots__ = ("name", "start", "args", "cost_us")
+
+    def __init__(self, name: str, start: float, **args) -> None:
+        self.name = name
+        self.start = start
+        self.args = args
+        self.cost_us = 0.0
+
+
+class TracedOperation(Operation):
+    """An Operation whose rounds (and, for OPERATION_SPANS, itself) become durations.
+
+    A step's simulated cost goes to the durations open when it began. A round begins
+    at the wall time its first step began and ends once the step that finished it has
+    spent its time; the cost of that step's tail (e.g. the EADD after a try_charge
+    round) counts in the round, as the round's first step (isolate) costs nothing."""
+
+    tracer: ChromeTrace
+
+    def __init__(self, tracer: ChromeTrace, name: str, steps: Steps, css: MiscCss | None,
+                 pid: int | None) -> None:
+        super().__init__(tracer, name, steps, css, pid)
+        if pid is not None:
+            self.track: int | str = pid
+        elif css is None or css.cgroup.is_root:
+            self.track = name
+        else:
+            self.track = f"{name} {css.cgroup.path}"
+        self.began = time.time()
+        self.rounds: dict[Generator, Span] = {}
+        self.whole = (Span(name, self.began, count=_local(steps, "count"))
+                      if name in OPERATION_SPANS else None)
+
+    def stepped(self, before: Mapping[str, int], after: Mapping[str, int]) -> None:
+        super().stepped(before, after)
+        spent = cost(before, after, 1.0) * 1e6
+        if spent:
+            for span in self.rounds.values():
+                span.cost_us += spent
+            if self.whole is not None:
+                self.whole.cost_us += spent
+
+    def settled(self) -> None:
+        chain = _chain(self.steps)
+        rounds = [g for g in chain if g.gi_code.co_name == ROUND]
+        for g in [g for g in self.rounds if g not in rounds]:
+            self._close(self.rounds.pop(g))
+        for g in rounds:
+            if g not in self.rounds:
+                self.rounds[g] = self._open(g, chain)
+        self.began = time.time()
+
+    def _open(self, round_: Generator, chain: list[Generator]) -> Span:
+        callers = [g.gi_code.co_name for g in chain[:chain.index(round_)]]
+        name = next((ROUND_NAMES[c] for c in reversed(callers) if c in ROUND_NAMES),
+                    "sync reclaim")
+        root = _local(round_, "root")
+        return Span(name, self.began, cgroup=root.cgroup.path if root else None)
+
+    def _close(self, span: Span) -> None:
+        self.tracer.duration(span.name, self.track, span.start, span.cost_us, **span.args)
+
+    def end(self) -> None:
+        for span in self.rounds.values():
+            self._close(span)
+        self.rounds.clear()
+        if self.whole is not None:
+            self._close(self.whole)
+            self.whole = None
 
 
 def load(path: str) -> list[dict]:
