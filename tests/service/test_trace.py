@@ -168,3 +168,46 @@ def test_replies_that_fail_a_process_are_instants_on_its_track(tmp_path):
     tracer.close()
     marks = [(e["name"], e["tid"]) for e in load(str(path)) if e["ph"] == "i"]
     assert marks == [("ENOMEM", 77), ("SIGBUS", 77), ("trace_end", 0)]
+
+
+async def test_kernel_threads_rounds_are_durations_on_their_own_tracks(tmp_path):
+    """Rounds that no process runs: ksgxd's, woken by a load past the EPC's capacity,
+    and a limited cgroup's async work item, queued by faults on the no-reclaim path.
+    Each is on a track named after the kernel thread (and the work item's cgroup); the
+    limited load's own rounds are its sync reclaim, on its process's track."""
+    capacity = 4 * MIB
+    rig = Rig(str(tmp_path / "s"), capacity, scale=1.0)
+    path = tmp_path / "trace.json"
+    rig.steps.tracer = tracer = ChromeTrace(str(path))
+    async with trio.open_nursery() as nursery:
+        await rig.start(nursery)
+        free = await rig.connect()  # a load past capacity, in the root
+        await call(free, "create", size=2 * capacity)
+        pages = capacity // PAGE_SIZE
+        assert (await call(free, "add", offset=0, count=pages, measured=False,
+                           tcs=False))["count"] == pages
+        free.close()
+        await trio.sleep(0.1)
+        limited(rig, "t", capacity // 4)
+        sock = await rig.connect()
+        await call(sock, "create", size=2 * capacity)
+        await call(sock, "add", offset=0, count=pages // 2, measured=False, tcs=False)
+        await call(sock, "init")
+        assert (await call(sock, "touch", offset=0, count=pages // 2))["ok"]
+        sock.close()
+        await trio.sleep(0.1)
+        nursery.cancel_scope.cancel()
+    tracer.close()
+    events = load(str(path))
+    threads = {e["tid"]: e["args"]["name"] for e in events if e["name"] == "thread_name"}
+    by_name: dict[str, list[dict]] = {}
+    for e in events:
+        if e["ph"] == "X":
+            by_name.setdefault(e["name"], []).append(e)
+    assert {threads[e["tid"]] for e in by_name["ksgxd reclaim"]} == {"ksgxd"}
+    assert {e["args"]["cgroup"] for e in by_name["ksgxd reclaim"]} == {"/"}
+    assert {threads[e["tid"]] for e in by_name["async reclaim"]} == {"work_item /t"}
+    assert {e["args"]["cgroup"] for e in by_name["async reclaim"]} == {"/t"}
+    assert sum(e["args"]["cost_us"] for e in by_name["async reclaim"]) > 0
+    assert "/t" in {e["args"]["cgroup"] for e in by_name["sync reclaim"]}
+    assert all(threads[e["tid"]] == f"pid {os.getpid()}" for e in by_name["sync reclaim"])
