@@ -27,6 +27,7 @@ import errno
 import logging
 import os
 import re
+import time
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,11 @@ _NAME = re.compile(r"epcfs-(\d+)-(\d+)-(\d+)")
 TEARDOWN_ROUNDS = 100
 """Passes that move processes out of a cgroup being removed: members may still be
 forking while they are moved; each pass takes what the last one missed."""
+
+TEARDOWN_PAUSE = 0.005
+"""Seconds between passes that found members: a process killed just before the teardown
+is listed until its exit reaches cgroup_exit(), and moving it fails with ESRCH; a pause
+lets it go, so that 100 passes cover half a second rather than a busy spin."""
 
 
 def _self_identity() -> tuple[int, int, int]:
@@ -238,6 +244,7 @@ class Mirror:
                 for pid in pids:
                     with contextlib.suppress(OSError):  # exited meanwhile
                         _write_at(self.parent_fd, "cgroup.procs", pid)
+                time.sleep(TEARDOWN_PAUSE)
             if d != ".":
                 try:
                     os.rmdir(d, dir_fd=top)
