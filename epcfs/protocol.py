@@ -33,6 +33,7 @@ OPS: dict[str, tuple[str, ...]] = {
     "remove": ("offset", "count"),  # SGX_IOC_ENCLAVE_REMOVE_PAGES → count
     "vepc": ("count",),  # a VMM faulting `count` guest pages of /dev/sgx_vepc
     "declare": ("bytes",),  # memory the process holds (source image), charged to its memcg
+    "stats": (),  # read-only: a row per cgroup for `epcfs top` (EPC, memory, reclaim)
 }
 
 PAGE_TYPE_TCS = 1

@@ -55,6 +55,8 @@ class MountConfig:
     cgroup_version: int = 2
     """2: one cgroup2 hierarchy at the mountpoint. 1: the v1 layout, a read-only
     directory holding two hierarchies, `misc` and `memory` (root_controllers unused)."""
+    trace: str | None = None
+    """Where to write a Chrome trace-event file of the run (trace.ChromeTrace)."""
     membership: str = "auto"
     """Who tracks which process is in which cgroup (MEMBERSHIP_MODES): "cgroup",
     the kernel in a mirror of the tree; "events", fork events; "auto": cgroup if it can."""
@@ -99,6 +101,9 @@ def add_mount_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--enclave-socket", metavar="PATH", default=None,
                    help="where the simulated /dev/sgx_enclave listens (default: "
                         "/run/epcfs/<mountpoint>.sock; clients use $EPCFS_SOCKET or that)")
+    p.add_argument("--trace", metavar="FILE", default=None,
+                   help="write a Chrome trace-event file (ui.perfetto.dev, chrome://tracing) "
+                        "of EPC use, reclaim and failures per cgroup, as it happens")
     p.add_argument("--membership", choices=MEMBERSHIP_MODES, default=None,
                    help="cgroup: the kernel tracks processes, in real cgroups mirroring "
                         "the tree below the daemon's own cgroup2 cgroup (v1 layout: in named "
@@ -146,6 +151,7 @@ def config_from_args(args: argparse.Namespace, mountpoint: str) -> MountConfig:
                           else args.root_controllers),
         cgroup_version=getattr(args, "cgroup_version", None) or 2,
         file_size=getattr(args, "file_size", None) or MountConfig.file_size,
+        trace=os.path.abspath(args.trace) if getattr(args, "trace", None) else None,
         membership=getattr(args, "membership", None) or MountConfig.membership,
         foreground=getattr(args, "foreground", False) or getattr(args, "debug", False),
         debug=getattr(args, "debug", False),
@@ -253,7 +259,9 @@ def serve(cfg: MountConfig, ready) -> int:
     from ..protocol import default_socket
     from .enclave_server import EnclaveServer
     from .reclaimers import Reclaimers
+    from .registry import registered
     from .steps import Stepper
+    from .trace import ChromeTrace
 
     if cfg.cgroup_version == 1:
         hierarchy = Hierarchy(legacy="misc")
@@ -282,6 +290,12 @@ def serve(cfg: MountConfig, ready) -> int:
         return 1
     fs.sized_files = cfg.file_size == "content"
     steps = Stepper(sgx, tracker, cfg.time_scale)
+    if cfg.trace:
+        try:
+            steps.tracer = ChromeTrace(cfg.trace)
+        except OSError as e:
+            log.error("--trace %s: %s", cfg.trace, e.strerror)
+            return 1
     reclaimers = Reclaimers(sgx, steps)
     server = EnclaveServer(sgx, tracker, sections, steps)
     socket_path = cfg.enclave_socket or default_socket(cfg.mountpoint)
@@ -296,10 +310,12 @@ def serve(cfg: MountConfig, ready) -> int:
             nursery.start_soon(_signals, nursery)
             nursery.start_soon(tracker.run)
             nursery.start_soon(reclaimers.run)
+            nursery.start_soon(steps.tracer.run, sgx)
             await nursery.start(server.serve, socket_path)
             nursery.start_soon(_announce_ready, capacity_file(cfg), ready,
                                fs if cfg.file_size == "auto" else None)
-            await fuse_loop.main()
+            with registered(cfg.mountpoint, socket_path):
+                await fuse_loop.main()
             nursery.cancel_scope.cancel()
 
     async def _signals(nursery: trio.Nursery) -> None:
@@ -321,6 +337,7 @@ def serve(cfg: MountConfig, ready) -> int:
             signal.signal(signum, signal.SIG_IGN)
         pyfuse3.close(unmount=True)
         tracker.close()
+        steps.tracer.close()
     return status
 
 
