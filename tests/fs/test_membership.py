@@ -206,6 +206,43 @@ def test_the_next_start_removes_a_killed_daemons_mirror(mount_epcfs, marker):
     assert not mirrors(again)
 
 
+def _pid_namespace_of_a_sleeper() -> tuple[subprocess.Popen, int, int]:
+    """A process alone in a new pid namespace: (unshare, the process, the namespace's
+    inode)."""
+    p = subprocess.Popen(["unshare", "--pid", "--fork", "--kill-child", "sleep", "60"])
+    children = Path(f"/proc/{p.pid}/task/{p.pid}/children")
+    wait_for(lambda: children.read_text().split())
+    child = int(children.read_text().split()[0])
+    return p, child, os.stat(f"/proc/{child}/ns/pid").st_ino
+
+
+@pytest.mark.skipif(os.stat("/proc/self/ns/pid").st_ino != 0xEFFFFFFC,
+                    reason="only the initial pid namespace sees every other")
+def test_a_mirror_of_a_dead_pid_namespace_is_removed_and_a_live_ones_kept(mount_epcfs):
+    from epcfs.host.mirror import own_cgroup_dir
+
+    directory, _ = own_cgroup_dir()
+    dead, dead_child, dead_ns = _pid_namespace_of_a_sleeper()
+    live, _, live_ns = _pid_namespace_of_a_sleeper()
+    dead.kill()
+    dead.wait()
+    wait_for(lambda: not os.path.exists(f"/proc/{dead_child}"))
+    gone = Path(directory, f"epcfs-{dead_ns}-3-1")
+    kept = Path(directory, f"epcfs-{live_ns}-3-1")
+    try:
+        gone.mkdir()
+        kept.mkdir()
+        mount_epcfs("--membership", "cgroup").stop()
+        assert not gone.exists()
+        assert kept.exists()  # its namespace still has a process: maybe its daemon
+    finally:
+        live.kill()
+        live.wait()
+        for d in (gone, kept):
+            with contextlib.suppress(FileNotFoundError):
+                d.rmdir()
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_the_v1_layout_keeps_double_forked_children_in_both_hierarchies(mount_epcfs, marker,
                                                                       mode):
