@@ -33,6 +33,7 @@ from .constants import (
     PAGE_SIZE,
     SGX_EEXTENDS_PER_PAGE,
     SGX_EPC,
+    SGX_NR_LOW_PAGES,
     SGX_VA_SLOT_COUNT,
     SgxPageType,
 )
@@ -314,6 +315,39 @@ class Sgx:
         encl.child_loaded()
         run.node, run.css, run.young = nid, css, young
         self.reclaim.lru_append(run)
+
+    def eldu_run(self, encl: Enclave, pid: int, first: int, count: int,
+                 pref: list[int]) -> None:
+        """ELDU `count` evicted pages from `first`, all of one evicted run, as `count`
+        no-reclaim loads in index order would (each old, onto the LRU tail), in one go.
+        The caller guarantees what makes that exact: the SECS is resident, every charge
+        fits under every limit and `count` pages are free (no allocation fails). Wakes
+        ksgxd if some allocation left free pages low while something was reclaimable."""
+        css = self.h.misc_of(pid)
+        lru_was_empty = not self.reclaim.can_reclaim_global()
+        self.h.misc.try_charge(SGX_EPC, css, count * PAGE_SIZE)
+        pages = encl.pages
+        pages.cut(first)
+        pages.cut(first + count)
+        memcg = pages.get(first).memcg
+        self.encls["ELDU"] += count
+        encl.slot_freed(count)
+        self.h.mem.memory_uncharge(memcg, count, encl.owner)
+        for mc, n in encl.pcmd_drop(encl.pcmd_emptied(first, first + count)):
+            self.h.mem.memory_uncharge(mc, n, encl.owner)
+        encl.child_loaded(count)
+        pos = first
+        for nid, n in self.epc.take(pref, count):
+            pages.cut(pos + n)
+            run = pages.get(pos)
+            run.memcg = None
+            run.node, run.css, run.young = nid, css, False
+            self.reclaim.lru_append(run)
+            pos += n
+        # Allocation p (0-based) left free_total + count - p - 1 pages free, checked
+        # before its page joined the LRU: only the last one can be the first below LOW.
+        if self.epc.free_total < SGX_NR_LOW_PAGES and (count > 1 or not lru_was_empty):
+            self.reclaim.wake_ksgxd()
 
     def _load_secs(self, encl: Enclave, css: MiscCss, pid: int, pref: list[int]) -> None:
         """sgx_encl_load_secs: ELDU the SECS (no reclaim) if it was written back."""
