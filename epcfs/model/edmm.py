@@ -3,7 +3,8 @@ REMOVE_PAGES) and EACCEPT from inside the enclave, over the enclaves of one Sgx.
 
 Each ioctl is an engine operation (engine.py): per page sgx_reclaim_direct, then the
 page loaded if evicted and changed, a step each, so the service paces them and other
-tasks run between pages.
+tasks run between pages. Where the state makes the pages of a run behave alike (see
+Edmm._edmm_each) a step covers the run.
 """
 
 from __future__ import annotations
@@ -12,13 +13,15 @@ import errno
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from .constants import SGX_NR_LOW_PAGES, SgxPageType
-from .engine import Steps, operation
+from .constants import ADD_CHUNK, PAGE_SIZE, SGX_EPC, SGX_NR_LOW_PAGES, SgxPageType
+from .engine import ALONE, Steps, operation
+from .epc_cgroup import reclaim_threshold
 from .errors import KernelError
 from .runs import Run, RunState
 
 if TYPE_CHECKING:
     from .enclave import Enclave
+    from .misc import MiscCss
     from .sgx import Sgx
 
 
@@ -39,7 +42,8 @@ class Edmm:
             raise KernelError(errno.EINVAL, "range outside the enclave")
 
     def _edmm_each(self, encl: Enclave, pid: int, first: int, count: int,
-                   node: int | None, pages: Callable[[int, int, Run], None]) -> Steps[int]:
+                   node: int | None, pages: Callable[[int, int, Run], None],
+                   resident_after: bool = True) -> Steps[int]:
         """The loop of every EDMM ioctl: check the range, then per page direct reclaim,
         sgx_encl_load_page (ELDU on the no-reclaim path; EBUSY becomes EAGAIN, any other
         failure EFAULT) and the change, a step each. A failure carries the pages done as
@@ -51,12 +55,20 @@ class Edmm:
         `pages(i, n, run)`, which checks the run as it would its first page. Equivalent
         to page by page, because none of these changes allocates: usage only falls and
         free pages only grow, so direct reclaim would stay idle for every page of it.
+        Likewise for evicted pages, when `resident_after` (the change keeps the page):
+        after page i was loaded and changed, the rest of its evicted run is loaded and
+        changed in one step (Sgx.eldu_run) for as long as direct reclaim would stay idle
+        and every no-reclaim allocation succeed: usage stays below the css's reclaim
+        threshold, free pages at SGX_NR_LOW_PAGES or more before each page. Page i's
+        success tells the rest's, which share its attributes. With a driver that is
+        not ALONE such a step loads at most ADD_CHUNK pages.
         Sgx(bulk=False) goes page by page (tests compare the two)."""
         self.check_edmm(encl, first, count)
         pref = self.sgx.epc.preference(node)
         reclaim = self.sgx.reclaim
         css = self.sgx.h.misc_of(pid)
         c = 0
+        alone = False
         while c < count:
             i = first + c
             try:
@@ -64,7 +76,9 @@ class Edmm:
                 run = encl.pages.get(i)
                 if run is None:
                     raise KernelError(errno.EFAULT, f"no page {i}")
+                evicted_end = i  # the end of the evicted run page i was loaded from
                 if run.state is RunState.EVICTED:
+                    evicted_end = min(run.end, first + count)
                     try:
                         self.sgx._eldu(encl, pid, i, pref, young=False)
                     except KernelError as e:
@@ -77,12 +91,40 @@ class Edmm:
                         not reclaim.should_reclaim_global(SGX_NR_LOW_PAGES):
                     n = min(run.end, first + count) - i
                 pages(i, n, run)
+                if self.sgx.bulk and resident_after and i + n < evicted_end:
+                    n += self._eldu_rest(encl, pid, css, i + n, min(
+                        evicted_end - i - n, count if alone else ADD_CHUNK), pref, pages)
             except KernelError as e:
                 e.count = c
                 raise
             c += n
-            yield
+            alone = (yield) is ALONE
         return count
+
+    def _eldu_rest(self, encl: Enclave, pid: int, css: MiscCss, j: int, most: int,
+                   pref: list[int], pages: Callable[[int, int, Run], None]) -> int:
+        """Load and change up to `most` evicted pages from j, all alike, in one go, if
+        page by page neither direct reclaim nor an allocation failure could happen on
+        the way (see _edmm_each). Returns how many (0: none qualified)."""
+        if encl.secs_css is None:
+            return 0
+        # Page p sees free_total - p free pages and usage + p at every level: both must
+        # stay clear of direct reclaim's triggers, and every charge must fit.
+        cap = self.sgx.h.misc.capacity[SGX_EPC] // PAGE_SIZE
+        m = min(most, self.sgx.epc.free_total - SGX_NR_LOW_PAGES + 1,
+                reclaim_threshold(css) - css.res[SGX_EPC].usage // PAGE_SIZE,
+                *(min(level.res[SGX_EPC].max // PAGE_SIZE, cap)
+                  - level.res[SGX_EPC].usage // PAGE_SIZE for level in css.ancestors()))
+        if m <= 0:
+            return 0
+        self.sgx.eldu_run(encl, pid, j, m, pref)
+        pos = j
+        while pos < j + m:
+            piece = encl.pages.get(pos)
+            n = min(piece.end, j + m) - pos
+            pages(pos, n, piece)
+            pos += n
+        return m
 
     def _set_pages(self, encl: Enclave, i: int, n: int, **attrs) -> None:
         """Pages [i, i+n), within one run, take new attributes."""
@@ -192,4 +234,5 @@ class Edmm:
             self.sgx.reclaim.free_epc(run.node, run.css, n, eremove=True)
             encl.child_removed(n)
 
-        return (yield from self._edmm_each(encl, pid, first, count, node, page))
+        return (yield from self._edmm_each(encl, pid, first, count, node, page,
+                                           resident_after=False))

@@ -97,14 +97,14 @@ class Enclave:
         self.secs_child_cnt -= count
         self.nr_evicted += count
 
-    def child_loaded(self) -> None:
-        """ELDU of an evicted child (its VA slot is freed by slot_freed)."""
-        self.nr_evicted -= 1
-        self.secs_child_cnt += 1
+    def child_loaded(self, count: int = 1) -> None:
+        """ELDU of `count` evicted children (their VA slots are freed by slot_freed)."""
+        self.nr_evicted -= count
+        self.secs_child_cnt += count
 
-    def slot_freed(self) -> None:
-        """An index left the backing store: its VA slot is free again."""
-        self.va_used -= 1
+    def slot_freed(self, count: int = 1) -> None:
+        """`count` indices left the backing store: their VA slots are free again."""
+        self.va_used -= count
 
     def secs_written_back(self, memcg: MemCss) -> MiscCss:
         """EWB of the SECS, its backing charged to memcg; returns the css it was charged

@@ -85,12 +85,18 @@ def max_pages_to_root(css: MiscCss) -> int:
     return min(level.res[SGX_EPC].max for level in css.ancestors()) // PAGE_SIZE
 
 
-def should_reclaim(css: MiscCss) -> bool:
-    """sgx_cgroup_should_reclaim: usage within SGX_CG_MIN_FREE_PAGE of the tightest limit
-    (or at it, for limits of SGX_CG_LOW_LIMIT pages or less), and something to reclaim."""
-    if lru_empty(css):
-        return False
+def reclaim_threshold(css: MiscCss) -> int:
+    """The usage in pages from which css should reclaim: SGX_CG_MIN_FREE_PAGE below the
+    tightest limit, or the limit itself for limits of SGX_CG_LOW_LIMIT pages or less."""
     limit = max_pages_to_root(css)
     if limit > SGX_CG_LOW_LIMIT:
         limit -= SGX_CG_MIN_FREE_PAGE
-    return css.res[SGX_EPC].usage // PAGE_SIZE >= limit
+    return limit
+
+
+def should_reclaim(css: MiscCss) -> bool:
+    """sgx_cgroup_should_reclaim: usage at reclaim_threshold or above, and something to
+    reclaim."""
+    if lru_empty(css):
+        return False
+    return css.res[SGX_EPC].usage // PAGE_SIZE >= reclaim_threshold(css)

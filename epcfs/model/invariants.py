@@ -44,7 +44,8 @@ def check_invariants(sgx: Sgx) -> None:
     own charges + children's, peaks ≥ usage, usage ≤ capacity, usage ≤ max except
     after a limit was lowered below it (then usage may only fall until it fits);
     memcg usage = own charges + children's. EPC: every page in exactly one place
-    (free, dirty, or charged: on an LRU, isolated, held by a batch, SECS, VA, vEPC),
+    (free, dirty, or charged: on an LRU, isolated, held by a batch, SECS, VA, vEPC, or
+    held by an allocation in progress; a charge may wait for its page),
     per node and per css; LRUs well linked and counted; each enclave's runs, SECS,
     VA slots ≥ evicted pages, PCMD pages = groups holding evicted pages; memory
     charges = backing pages held + declared memory.
@@ -61,6 +62,11 @@ def check_invariants(sgx: Sgx) -> None:
         _check_vepc(sgx, vepc, pages_of, per_node)
     for batch in sgx.reclaim.batches:
         _check_batch(batch, pages_of, per_node)
+    for css, n in sgx.allocator.waiting.items():
+        pages_of[css] += n
+    for (nid, css), n in sgx.allocator.held.items():
+        pages_of[css] += n
+        per_node[nid] += n
     _check_nodes(sgx, per_node)
     _check_misc(sgx, csses, pages_of, lru_runs)
     _check_memory(sgx, backing, owned)

@@ -1,7 +1,7 @@
-"""The SGX EPC subsystem of a kernel carrying the EPC cgroup series (v17): allocation with
-misc charging, enclave build and faults, vEPC. Its parts with a job of their own hang
-off it: reclamation (Sgx.reclaim, reclaim.py), bulk loading (Sgx.loader, bulk.py) and
-the EDMM ioctls (Sgx.edmm, edmm.py).
+"""The SGX EPC subsystem of a kernel carrying the EPC cgroup series (v17): enclave build
+and faults, vEPC. Its parts with a job of their own hang off it: reclamation
+(Sgx.reclaim, reclaim.py), allocation with its charge (Sgx.allocator, alloc.py), bulk
+loading (Sgx.loader, bulk.py) and the EDMM ioctls (Sgx.edmm, edmm.py).
 
 Sgx is the one object the service drives. Long operations are engine operations
 (engine.py): called plainly they run to completion with the synchronous driver;
@@ -21,12 +21,11 @@ the separate memory hierarchy).
 
 from __future__ import annotations
 
-import contextlib
 import errno
 from collections import Counter
-from collections.abc import Iterator
 from enum import Enum
 
+from .alloc import Allocator
 from .bulk import BulkLoader
 from .cgroup import Hierarchy
 from .constants import (
@@ -34,15 +33,16 @@ from .constants import (
     PAGE_SIZE,
     SGX_EEXTENDS_PER_PAGE,
     SGX_EPC,
+    SGX_NR_LOW_PAGES,
     SGX_VA_SLOT_COUNT,
     SgxPageType,
 )
 from .edmm import Edmm
 from .enclave import Enclave, Vepc
-from .engine import ALONE, WAIT, Steps, operation
+from .engine import ALONE, Steps, operation
 from .engine import run as run_steps
 from .epc import Epc
-from .epc_cgroup import epc_cg, forget_css, lru_empty
+from .epc_cgroup import epc_cg, forget_css
 from .errors import Blocked, KernelError
 from .memory import MemCss
 from .misc import MiscCss
@@ -84,6 +84,8 @@ class Sgx:
         self.vepcs: dict[int, Vepc] = {}
         self.reclaim = Reclaim(hierarchy, self.epc, self.encls)
         """Reclamation: LRUs, batches, ksgxd and the work items (reclaim.py)."""
+        self.allocator = Allocator(hierarchy, self.epc, self.reclaim)
+        """Allocation and charge of every EPC page (alloc.py)."""
         self.loader = BulkLoader(self)
         """ADD_PAGES in closed form (bulk.py), when `bulk`."""
         self.edmm = Edmm(self)
@@ -121,65 +123,7 @@ class Sgx:
         self.reclaim.async_work.pop(css, None)
         forget_css(css)
 
-    # -- allocation: sgx_alloc_epc_page ----------------------------------------------
-
-    def _alloc(self, css: MiscCss, pid: int, reclaim: bool, pref: list[int]) -> Steps[int]:
-        """sgx_alloc_epc_page: charge css one page and take a free page; returns its node.
-
-        KernelError(ENOMEM) when nothing is reclaimable, EBUSY on the no-reclaim path (a
-        no-reclaim allocation never yields: run it with `run`). With reclaim, a failed
-        charge or an empty free list runs a synchronous round; a round that freed nothing
-        because backing charges failed waits (WAIT) for the OOM victim, as the kernel
-        spins in cond_resched. Whatever way it fails, the charge is given back."""
-        yield from self._charge(css, pid, reclaim)
-        try:
-            while True:
-                nid = self.epc.take_one(pref)
-                if nid is not None:
-                    break
-                if not self.reclaim.can_reclaim_global():
-                    raise KernelError(errno.ENOMEM, "no free EPC page and nothing reclaimable")
-                if not reclaim:
-                    raise KernelError(errno.EBUSY, "no free EPC page")
-                done = yield from self.reclaim.reclaim_global.steps(pid)
-                if not done.freed and done.failed:
-                    yield WAIT
-        except BaseException:  # KernelError, Blocked, or the caller went away
-            self.h.misc_uncharge(SGX_EPC, css, PAGE_SIZE)
-            raise
-        self.reclaim.maybe_wake_ksgxd()
-        return nid
-
-    def _charge(self, css: MiscCss, pid: int, reclaim: bool) -> Steps[None]:
-        """sgx_cgroup_try_charge: retry with synchronous reclaim of css's subtree."""
-        while True:
-            try:
-                self.h.misc.try_charge(SGX_EPC, css, PAGE_SIZE)
-                return
-            except KernelError:
-                pass
-            if lru_empty(css):
-                raise KernelError(errno.ENOMEM, f"nothing reclaimable under {css.cgroup.path}")
-            if not reclaim:
-                self.reclaim.queue_work(css)
-                raise KernelError(errno.EBUSY, f"{css.cgroup.path} at its EPC limit")
-            done = yield from self.reclaim.cgroup_reclaim_pages.steps(css, pid, 1)
-            if not done.freed and done.failed:
-                yield WAIT
-
-    @contextlib.contextmanager
-    def _given_back_on_failure(self, nid: int, css: MiscCss) -> Iterator[None]:
-        """A page just allocated goes back to its node if the next allocation fails:
-        EREMOVEd after an error (the kernel had used it), as it was when merely Blocked
-        (the model gives it back instead of holding it while the kernel would spin)."""
-        try:
-            yield
-        except KernelError:
-            self.reclaim.free_epc(nid, css, 1, eremove=True)
-            raise
-        except (Blocked, GeneratorExit):
-            self.reclaim.free_epc(nid, css, 1, eremove=False)
-            raise
+    # -- enclave build -----------------------------------------------------------------
 
     def _add_va(self, encl: Enclave, nid: int, css: MiscCss) -> None:
         self.encls["EPA"] += 1
@@ -189,7 +133,7 @@ class Sgx:
               pref: list[int]) -> Steps[None]:
         """sgx_encl_grow: a new VA page when page_cnt is a multiple of 512, then page_cnt+1."""
         if encl.page_cnt % SGX_VA_SLOT_COUNT == 0:
-            self._add_va(encl, (yield from self._alloc(css, pid, reclaim, pref)), css)
+            self._add_va(encl, (yield from self.allocator.alloc(css, pid, reclaim, pref)), css)
         encl.grown()
 
     def insert_resident(self, encl: Enclave, run: Run) -> None:
@@ -197,8 +141,6 @@ class Sgx:
         encl.pages.insert(run)
         encl.children_added(len(run))
         self.reclaim.lru_append(run)
-
-    # -- enclave build -----------------------------------------------------------------
 
     @operation
     def create(self, pid: int, size_bytes: int, node: int | None = None) -> Steps[Enclave]:
@@ -214,8 +156,8 @@ class Sgx:
         self._next_id += 1
         yield from self._grow(encl, css, pid, True, pref)
         ((va_node, _),) = encl.va
-        with self._given_back_on_failure(va_node, css):
-            encl.secs_loaded((yield from self._alloc(css, pid, True, pref)), css)
+        with self.allocator.given_back_on_failure(va_node, css):
+            encl.secs_loaded((yield from self.allocator.alloc(css, pid, True, pref)), css)
         self.encls["ECREATE"] += 1
         self.enclaves[encl.id] = encl
         return encl
@@ -274,8 +216,8 @@ class Sgx:
     def _add_one(self, encl: Enclave, pid: int, css: MiscCss, i: int, measured: bool,
                  page_type: SgxPageType, pref: list[int]) -> Steps[None]:
         """sgx_encl_add_page: EPC page first, then grow (maybe a VA page), then EADD."""
-        nid = yield from self._alloc(css, pid, True, pref)
-        with self._given_back_on_failure(nid, css):
+        nid = yield from self.allocator.alloc(css, pid, True, pref)
+        with self.allocator.given_back_on_failure(nid, css):
             yield from self._grow(encl, css, pid, True, pref)
         self.encls["EADD"] += 1
         if measured:
@@ -362,7 +304,7 @@ class Sgx:
         cannot be had, the SECS stays loaded, as in the kernel."""
         css = self.h.misc_of(pid)
         self._load_secs(encl, css, pid, pref)
-        nid = run_steps(self._alloc(css, pid, False, pref))
+        nid = run_steps(self.allocator.alloc(css, pid, False, pref))
         self.encls["ELDU"] += 1
         pages = encl.pages
         pages.cut(i)
@@ -374,11 +316,44 @@ class Sgx:
         run.node, run.css, run.young = nid, css, young
         self.reclaim.lru_append(run)
 
+    def eldu_run(self, encl: Enclave, pid: int, first: int, count: int,
+                 pref: list[int]) -> None:
+        """ELDU `count` evicted pages from `first`, all of one evicted run, as `count`
+        no-reclaim loads in index order would (each old, onto the LRU tail), in one go.
+        The caller guarantees what makes that exact: the SECS is resident, every charge
+        fits under every limit and `count` pages are free (no allocation fails). Wakes
+        ksgxd if some allocation left free pages low while something was reclaimable."""
+        css = self.h.misc_of(pid)
+        lru_was_empty = not self.reclaim.can_reclaim_global()
+        self.h.misc.try_charge(SGX_EPC, css, count * PAGE_SIZE)
+        pages = encl.pages
+        pages.cut(first)
+        pages.cut(first + count)
+        memcg = pages.get(first).memcg
+        self.encls["ELDU"] += count
+        encl.slot_freed(count)
+        self.h.mem.memory_uncharge(memcg, count, encl.owner)
+        for mc, n in encl.pcmd_drop(encl.pcmd_emptied(first, first + count)):
+            self.h.mem.memory_uncharge(mc, n, encl.owner)
+        encl.child_loaded(count)
+        pos = first
+        for nid, n in self.epc.take(pref, count):
+            pages.cut(pos + n)
+            run = pages.get(pos)
+            run.memcg = None
+            run.node, run.css, run.young = nid, css, False
+            self.reclaim.lru_append(run)
+            pos += n
+        # Allocation p (0-based) left free_total + count - p - 1 pages free, checked
+        # before its page joined the LRU: only the last one can be the first below LOW.
+        if self.epc.free_total < SGX_NR_LOW_PAGES and (count > 1 or not lru_was_empty):
+            self.reclaim.wake_ksgxd()
+
     def _load_secs(self, encl: Enclave, css: MiscCss, pid: int, pref: list[int]) -> None:
         """sgx_encl_load_secs: ELDU the SECS (no reclaim) if it was written back."""
         if encl.secs_css is not None:
             return
-        nid = run_steps(self._alloc(css, pid, False, pref))
+        nid = run_steps(self.allocator.alloc(css, pid, False, pref))
         self.encls["ELDU"] += 1
         self._leave_backing(encl, encl.secs_index, encl.secs_memcg)
         encl.secs_loaded(nid, css)
@@ -403,7 +378,7 @@ class Sgx:
         pref = self.epc.preference(node)
         try:
             self._load_secs(encl, css, pid, pref)
-            nid = run_steps(self._alloc(css, pid, False, pref))
+            nid = run_steps(self.allocator.alloc(css, pid, False, pref))
             try:
                 run_steps(self._grow(encl, css, pid, False, pref))
             except KernelError:
@@ -471,7 +446,7 @@ class Sgx:
             return Fault.OK
         css = self.h.misc_of(pid)
         try:
-            nid = run_steps(self._alloc(css, pid, False, self.epc.preference(node)))
+            nid = run_steps(self.allocator.alloc(css, pid, False, self.epc.preference(node)))
         except KernelError as e:
             return Fault.RETRY if e.errno == errno.EBUSY else Fault.SIGBUS
         vepc.page_added(Run(page_index, page_index + 1, RunState.VEPC, None, node=nid, css=css))

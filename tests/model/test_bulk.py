@@ -147,3 +147,31 @@ def test_bulk_equals_page_by_page(setup, program):
         assert fast[0] == slow[0], f"result of step {step}: {program[step]}"
         for key in fast[1]:
             assert fast[1][key] == slow[1][key], f"{key} after step {step}: {program[step]}"
+
+
+@st.composite
+def edmm_programs(draw):
+    """An initialized enclave with evicted runs (its heap up to twice the EPC), then
+    EDMM ioctls, faults and reclaim over it: loading evicted ranges back in bulk."""
+    program = [("create", draw(st.integers(1, 3)), 22),
+               ("add", 0, 1, 0.0, draw(st.integers(300, 900)), False, draw(st.integers(0, 2))),
+               ("init", 0)]
+    later = st.one_of(
+        st.tuples(st.just("edmm"), st.just(0), st.sampled_from(EDMM), st.floats(0, 1),
+                  st.integers(1, 900)),
+        st.tuples(st.just("fault"), st.just(0), st.integers(1, 3),
+                  st.lists(st.floats(0, 1), min_size=1, max_size=6)),
+        st.sampled_from([("ksgxd",), ("async",), ("sanitize", 40)]),
+        st.tuples(st.just("max"), st.sampled_from([64, 100, 300, 1000, 1 << 20])))
+    return program + draw(st.lists(later, min_size=1, max_size=12))
+
+
+@settings(max_examples=EXAMPLES, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(setup=setups, program=edmm_programs())
+def test_edmm_over_evicted_runs_equals_page_by_page(setup, program):
+    for step, (fast, slow) in enumerate(zip(execute(setup, program, True),
+                                            execute(setup, program, False), strict=True)):
+        assert fast[0] == slow[0], f"result of step {step}: {program[step]}"
+        for key in fast[1]:
+            assert fast[1][key] == slow[1][key], f"{key} after step {step}: {program[step]}"

@@ -216,3 +216,35 @@ def test_global_reclaim_when_the_cgroup_has_room_but_epc_is_dirty():
     assert sgx.free_pages <= SGX_NR_TO_SCAN and encl.nr_evicted >= 50
     assert sgx.reclaim.take_ksgxd_wakeup()
     check_invariants(sgx)
+
+
+def test_an_allocation_between_its_steps_keeps_every_page_accounted():
+    """A create running its global rounds step by step (the free list is empty, the
+    misc charge succeeds): first its VA page's charge waits for a page, then the VA page
+    waits for the SECS. Each is counted where it is, so the whole truth holds at every
+    step, and nothing is left waiting once the create is done or closed."""
+    for close_after in (None, 1, 2, 3, 4):
+        h, sgx = make_sgx((0, MiB), sanitize=False)
+        sgx.sanitize(100)
+        cgroup(h, "/t", PID)
+        encl = sgx.create(PID, 1 << 20)
+        sgx.add_pages(encl, PID, 0, sgx.free_pages, False)
+        assert sgx.free_pages == 0 and usage_pages(h.root.children["t"]) == 100
+        steps = sgx.create.steps(PID, PAGE_SIZE)
+        seen = set()
+        step = 0
+        try:
+            while True:
+                next(steps)
+                step += 1
+                seen |= {bool(sgx.allocator.waiting), bool(sgx.allocator.held)}
+                check_invariants(sgx)
+                if step == close_after:
+                    steps.close()
+                    break
+        except StopIteration:
+            pass
+        assert not sgx.allocator.waiting and not sgx.allocator.held
+        check_invariants(sgx)
+        if close_after is None:
+            assert seen == {True, False} and len(sgx.enclaves) == 2
