@@ -3,16 +3,20 @@ file itself (systemd-analyze verify where it exists) and scripts/install-service
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from epcfs.protocol import default_socket
 
 REPO = Path(__file__).resolve().parent.parent
 UNIT = REPO / "systemd/epcfs.service"
@@ -111,7 +115,7 @@ def test_unit_contract():
     assert service["Type"] == "notify"
     assert service["Restart"] == "on-failure"
     assert service["EnvironmentFile"] == "-/etc/default/epcfs"
-    assert "EPCFS_MOUNTPOINT=/run/epcfs" in env
+    assert "EPCFS_MOUNTPOINT=/run/epcfs/cgroup" in env
     assert service["ExecStart"] == (
         "/usr/local/bin/epcfs mount --foreground $EPCFS_OPTIONS ${EPCFS_MOUNTPOINT}")
     assert service["ExecStopPost"].startswith("-/usr/bin/fusermount3 -u")
@@ -122,7 +126,7 @@ def test_default_file_matches_the_unit_defaults():
     text = (REPO / "systemd/epcfs.default").read_text()
     values = dict(line.split("=", 1) for line in text.splitlines()
                   if line and not line.startswith("#"))
-    assert values == {"EPCFS_MOUNTPOINT": "/run/epcfs", "EPCFS_OPTIONS": ""}
+    assert values == {"EPCFS_MOUNTPOINT": "/run/epcfs/cgroup", "EPCFS_OPTIONS": ""}
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None,
@@ -141,6 +145,103 @@ def test_systemd_analyze_verify(tmp_path):
                 if "epcfs" in line]
     assert result.returncode == 0, result.stderr
     assert about_us == []
+
+
+# The unit's ExecStart at its default paths --------------------------------------------------
+
+PR_SET_MDWE = 65
+PR_MDWE_REFUSE_EXEC_GAIN = 1
+"""prctl(2) values behind MemoryDenyWriteExecute= (kernel 6.3+): what systemd applies."""
+
+
+def unit_command(entries, key: str) -> str:
+    """The unit's `key` command line as systemd runs it with the unit's own Environment=
+    (EnvironmentFile= absent): $VAR split into words, ${VAR} as one; our venv's epcfs."""
+    env = dict(v.split("=", 1) for s, k, v in entries if s == "Service" and k == "Environment")
+    [line] = [v for s, k, v in entries if s == "Service" and k == key]
+    words = []
+    for word in line.lstrip("-").split():
+        if word.startswith("${"):
+            words.append(env[word[2:-1]])
+        elif word.startswith("$"):
+            words += env[word[1:]].split()
+        else:
+            words.append(word.replace("/usr/local/bin/epcfs", str(BIN / "epcfs")))
+    return " ".join(words)
+
+
+def capability_set(entries) -> str:
+    """CapabilityBoundingSet= as setpriv's --bounding-set argument."""
+    [caps] = [v for s, k, v in entries if s == "Service" and k == "CapabilityBoundingSet"]
+    return ",".join(["-all", *("+" + c.removeprefix("CAP_").lower() for c in caps.split())])
+
+
+def _deny_write_execute() -> None:
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_MDWE, PR_MDWE_REFUSE_EXEC_GAIN, 0, 0, 0)
+
+
+def fuse_abort(pid: int) -> None:
+    """Abort the FUSE connections of `pid`'s mount namespace: a daemon stuck on its own
+    mount (state D) cannot die of a signal before its request is answered."""
+    with contextlib.suppress(OSError), open(f"/proc/{pid}/mountinfo") as f:
+        for line in f:
+            fields, _, tail = line.partition(" - ")
+            if tail.startswith("fuse.epcfs "):
+                minor = fields.split()[2].split(":")[1]
+                with open(f"/sys/fs/fuse/connections/{minor}/abort", "w") as abort:
+                    abort.write("1")
+
+
+def test_the_units_execstart_at_its_default_paths_serves(ready_notice):
+    """ExecStartPre and ExecStart as systemd runs them at the unit's defaults, in a
+    private mount namespace (a tmpfs on /run/epcfs there keeps the host's untouched),
+    with the unit's NoNewPrivileges, CapabilityBoundingSet and MemoryDenyWriteExecute.
+    Before the socket moved out of the mountpoint this hung in state D forever."""
+    entries = unit_entries(UNIT.read_text())
+    service = {k: v for s, k, v in entries if s == "Service"}
+    assert service["NoNewPrivileges"] == "yes" and service["MemoryDenyWriteExecute"] == "yes"
+    mountpoint = unit_command(entries, "ExecStart").split()[-1]
+    script = (f"mount -t tmpfs -o mode=755 epcfs-test /run/epcfs && "
+              f"{unit_command(entries, 'ExecStartPre')} && "
+              f"exec setpriv --no-new-privs --bounding-set {capability_set(entries)} "
+              f"{unit_command(entries, 'ExecStart')}")
+    os.makedirs("/run/epcfs", exist_ok=True)
+    notice = ready_notice()
+    proc = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                             script], env=notice.env, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            preexec_fn=_deny_write_execute)
+    inside = ["nsenter", f"--target={proc.pid}", "--mount"]
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while not notice.ready():
+            assert proc.poll() is None, proc.stdout.read().decode()
+            assert time.monotonic() < deadline, "the daemon never said READY=1"
+            time.sleep(0.05)
+        cat = subprocess.run([*inside, "cat", f"{mountpoint}/misc.capacity"],
+                             capture_output=True, text=True, timeout=TIMEOUT)
+        assert cat.stdout == f"sgx_epc {128 << 20}\n"
+        sock = default_socket(mountpoint)
+        assert not sock.startswith(mountpoint + "/")
+        load = subprocess.run([*inside, str(BIN / "epcfs"), "load", "--size", "1M",
+                               "--hold", "0", "--socket", sock],
+                              capture_output=True, text=True, timeout=TIMEOUT)
+        assert load.returncode == 0, load.stderr
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(TIMEOUT) == 0
+    finally:
+        notice.close()
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                fuse_abort(proc.pid)
+                proc.kill()
+                proc.wait(TIMEOUT)
+        proc.stdout.close()
 
 
 # scripts/install-service ---------------------------------------------------------------------
