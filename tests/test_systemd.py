@@ -259,6 +259,10 @@ def test_install_service_into_a_root_directory(tmp_path):
     link = tmp_path / "usr/local/bin/epcfs"
     assert os.readlink(link) == str(REPO / ".venv/bin/epcfs")
     assert (tmp_path / "etc/systemd/system/epcfs.service").read_text() == UNIT.read_text()
+    doc = tmp_path / "usr/local/share/doc/epcfs/README.md"
+    assert doc.read_text() == (REPO / "README.md").read_text()
+    [documentation] = [v for s, k, v in unit_entries(UNIT.read_text()) if k == "Documentation"]
+    assert documentation == "file:/" + doc.relative_to(tmp_path).as_posix()
     defaults = tmp_path / "etc/default/epcfs"
     assert defaults.read_text() == (REPO / "systemd/epcfs.default").read_text()
 
@@ -269,4 +273,5 @@ def test_install_service_into_a_root_directory(tmp_path):
     install("--uninstall")
     assert not link.exists() and not link.is_symlink()
     assert not (tmp_path / "etc/systemd/system/epcfs.service").exists()
+    assert not doc.exists()
     assert defaults.exists()
