@@ -1,6 +1,7 @@
 """Size arguments on the command line: bytes with an optional K/M/G/T suffix (powers of 1024)."""
 
 import argparse
+import math
 
 _SHIFTS = {"": 0, "K": 10, "M": 20, "G": 30, "T": 40}
 
@@ -25,3 +26,14 @@ def parse_pages(text: str) -> int:
         raise argparse.ArgumentTypeError(
             f"not a positive multiple of 4K: {text!r} (use e.g. 64M, 4096K)")
     return nbytes
+
+
+def parse_nonnegative(text: str) -> float:
+    """A finite number >= 0 (seconds, a time scale): nan, inf and negatives are refused."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"not a finite number >= 0: {text!r}")
+    return value

@@ -427,9 +427,10 @@ def test_a_bad_size_is_a_usage_error(tmp_path):
 @pytest.mark.parametrize("argv", [
     ["--capacity", "0"], ["--capacity", "100"], ["--capacity", "4097"], ["--capacity", "-1"],
     ["--capacity", "²"], ["--epc-section", "0:4097"], ["--epc-section", "0:0"],
-    ["--socket-mode", "999"],
+    ["--socket-mode", "999"], ["--time-scale", "nan"], ["--time-scale", "-1"],
+    ["--time-scale", "inf"], ["--root-controllers", "cpu"],
 ])
-def test_an_epc_size_that_is_not_whole_pages_is_a_usage_error(tmp_path, argv):
+def test_a_bad_mount_option_is_a_usage_error(tmp_path, argv):
     result = run_cli(*EPCFS, "mount", *argv, str(tmp_path))
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import signal
 import socket
@@ -85,15 +86,18 @@ def notify_daemon(tmp_path: Path) -> Iterator:
 def test_ready_1_arrives_once_misc_capacity_answers(notify_daemon, tmp_path, kind):
     address = str(tmp_path / "notify") if kind == "path" else f"@epcfs-test-{os.getpid()}"
     proc, sock, mp = notify_daemon(address)
-    with sock:
-        message = sock.recv(4096)
-        # At this very moment the mount must already serve the file: no retry.
-        with open(mp / "misc.capacity") as f:
-            assert f.read() == f"sgx_epc {128 << 20}\n"
+    message = sock.recv(4096)
+    # At this very moment the mount must already serve the file: no retry.
+    with open(mp / "misc.capacity") as f:
+        assert f.read() == f"sgx_epc {128 << 20}\n"
     fields = message.decode().split("\n")
-    assert "READY=1" in fields
+    assert "READY=1" in fields and "STATUS=serving" in fields
     assert f"MAINPID={proc.pid}" in fields
     proc.send_signal(signal.SIGTERM)
+    with sock:
+        stopping = sock.recv(4096).decode().split("\n")
+    assert "STOPPING=1" in stopping
+    assert any(f.startswith("STATUS=unmounting") for f in stopping)
     assert proc.wait(TIMEOUT) == 0
     assert mounts_at(mp) == 0
 
@@ -120,6 +124,31 @@ def test_unit_contract():
         "/usr/local/bin/epcfs mount --foreground $EPCFS_OPTIONS ${EPCFS_MOUNTPOINT}")
     assert service["ExecStopPost"].startswith("-/usr/bin/fusermount3 -u")
     assert ("Install", "WantedBy", "multi-user.target") in entries
+    assert int(service["OOMScoreAdjust"]) < 0
+    assert service["RestrictAddressFamilies"] == "AF_UNIX AF_NETLINK"
+    for key in ("NoNewPrivileges", "LockPersonality", "MemoryDenyWriteExecute"):
+        assert service[key] == "yes", key
+    # Nothing that gives the service its own mount namespace: the mount must be the host's.
+    for key in ("ProtectSystem", "ProtectHome", "PrivateTmp", "PrivateDevices",
+                "ProtectKernelTunables", "ProtectKernelModules", "ProtectControlGroups",
+                "PrivateMounts", "ProtectProc", "ReadOnlyPaths"):
+        assert key not in service, key
+    assert ("Unit", "Documentation", "file:/usr/local/share/doc/epcfs/README.md") in entries
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None,
+                    reason="systemd-analyze not installed (Debian package systemd)")
+def test_security_exposure_is_what_the_readme_says(tmp_path):
+    """systemd-analyze security works offline on a unit file (no running systemd)."""
+    unit = tmp_path / "epcfs.service"
+    unit.write_text(UNIT.read_text().replace("/usr/local/bin/epcfs", str(BIN / "epcfs")))
+    result = subprocess.run(["systemd-analyze", "security", "--offline=true", str(unit)],
+                            capture_output=True, text=True, timeout=60,
+                            stdin=subprocess.DEVNULL)
+    score = re.search(r"Overall exposure level for epcfs.service: (\d+\.\d)", result.stdout)
+    assert score, result.stdout + result.stderr
+    readme = (REPO / "README.md").read_text()
+    assert f"| now | {score.group(1)} " in readme
 
 
 def test_default_file_matches_the_unit_defaults():

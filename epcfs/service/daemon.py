@@ -18,9 +18,10 @@ import subprocess
 import sys
 from dataclasses import dataclass
 
+from ..model.cgroup import CONTROLLERS
 from ..model.constants import SGX_MAX_EPC_SECTIONS
 from ..protocol import default_socket
-from ..units import parse_pages
+from ..units import parse_nonnegative, parse_pages
 from .timing import DEFAULT_SCALE
 
 log = logging.getLogger("epcfs")
@@ -96,11 +97,11 @@ def add_mount_options(p: argparse.ArgumentParser) -> None:
                    metavar="NODE:SIZE", dest="epc_sections",
                    help="an EPC section of SIZE bytes on NUMA node NODE (repeatable, at most "
                         "8); the capacity is their sum")
-    p.add_argument("--time-scale", type=float, default=None, metavar="X",
+    p.add_argument("--time-scale", type=parse_nonnegative, default=None, metavar="X",
                    help=f"wall seconds per simulated second of SGX work (default "
                         f"{DEFAULT_SCALE:g}: the selftests' runs take realistic seconds at "
                         "128M; 0: as fast as possible)")
-    p.add_argument("--root-controllers", metavar="LIST", default=None,
+    p.add_argument("--root-controllers", type=parse_controllers, metavar="LIST", default=None,
                    help="controllers enabled in the root's cgroup.subtree_control at mount, "
                         "as a booted host's init system leaves them (default \"memory misc\"; "
                         "\"\" for a bare kernel mount; unused with --cgroup-version 1)")
@@ -115,6 +116,15 @@ def add_mount_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--enclave-socket", metavar="PATH", default=None,
                    help="where the simulated /dev/sgx_enclave listens (default: "
                         "/run/epcfs/<mountpoint>.sock; clients use $EPCFS_SOCKET or that)")
+
+
+def parse_controllers(text: str) -> str:
+    """A space-separated list of controller names epcfs has (memory, misc), or ""."""
+    unknown = [name for name in text.split(" ") if name and name not in CONTROLLERS]
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"no such controller: {unknown[0]!r} (epcfs has {' '.join(CONTROLLERS)})")
+    return text
 
 
 def parse_mode(text: str) -> int:

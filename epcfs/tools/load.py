@@ -9,35 +9,23 @@ charge goes to this process's cgroup: move it first (`echo $$ > …/cgroup.procs
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import select
 import signal
 import sys
 import time
 
-from ..units import parse_size
+from ..units import parse_nonnegative, parse_size
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--size", type=parse_size, required=True, metavar="SIZE",
                    help="enclave heap size in bytes, K/M/G suffixes allowed")
-    p.add_argument("--hold", type=parse_hold, default=None, metavar="SECONDS",
+    p.add_argument("--hold", type=parse_nonnegative, default=None, metavar="SECONDS",
                    help="how long to hold the enclave (default: until interrupted)")
     p.add_argument("--socket", metavar="PATH",
                    help="the daemon's enclave socket (default: $EPCFS_SOCKET, else the "
                         "daemon behind /sys/fs/cgroup)")
-
-
-def parse_hold(text: str) -> float:
-    """Seconds to hold: a finite number, not negative (for argparse `type=`)."""
-    try:
-        seconds = float(text)
-    except ValueError:
-        seconds = math.nan
-    if not (math.isfinite(seconds) and seconds >= 0):
-        raise argparse.ArgumentTypeError(f"not a number of seconds >= 0: {text!r}")
-    return seconds
 
 
 def wait_for_hangup(sock, seconds: float | None) -> bool:
