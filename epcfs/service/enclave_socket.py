@@ -21,6 +21,7 @@ import grp
 import logging
 import os
 import socket
+import time
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +30,11 @@ DEVICE_GROUP = "sgx"
 
 BACKLOG = 128
 """Connections waiting to be accepted: test_sgx runs open a handful at once."""
+
+
+LOCK_WAIT = 5.0
+"""Seconds to wait for the lock: a daemon whose mount was just lifted (fusermount3 -u)
+is still on its way out, and `fusermount3 -u X; epcfs mount X` must work."""
 
 
 class SocketBusy(RuntimeError):
@@ -57,13 +63,19 @@ class EnclaveSocket:
         """
         os.makedirs(os.path.dirname(self.path) or ".", mode=0o755, exist_ok=True)
         fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            os.close(fd)
-            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-                raise SocketBusy(f"{self.path}: another epcfs daemon is serving it") from e
-            raise
+        deadline = time.monotonic() + LOCK_WAIT
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as e:
+                if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                    os.close(fd)
+                    raise
+                if time.monotonic() > deadline:
+                    os.close(fd)
+                    raise SocketBusy(f"{self.path}: another epcfs daemon is serving it") from e
+                time.sleep(0.05)
         self.lock_fd = fd
         try:
             with contextlib.suppress(FileNotFoundError):
