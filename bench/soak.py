@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -266,6 +267,13 @@ def main() -> int:
         log.close()
         if "Traceback" in (tmp / "daemon.log").read_text(errors="replace"):
             print(f"soak: the daemon logged a traceback: {tmp / 'daemon.log'}", file=sys.stderr)
+        elif not mounted(mnt):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def mounted(path: Path) -> bool:
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[4] == str(path) for line in f)
 
 
 if __name__ == "__main__":

@@ -489,3 +489,15 @@ def test_the_demo_runs_and_leaves_nothing_behind():
     assert "epcfs exited with status 0" in result.stdout
     assert "# scenario passed" in result.stdout
     assert mounts_at(Path("/sys/fs/cgroup")) == before, "the host's /sys/fs/cgroup changed"
+
+
+def test_run_finds_test_sgx_without_an_activated_venv():
+    """`.venv/bin/epcfs run -- test_sgx` said `test_sgx: No such file or directory`: CMD's
+    PATH now starts with the directory of epcfs's own scripts."""
+    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root"}
+    result = subprocess.run([str(BIN / "epcfs"), "run", "--capacity", "8M", "--", "test_sgx",
+                             "-l"], capture_output=True, text=True, timeout=60, env=env,
+                            stdin=subprocess.DEVNULL)
+    # The kselftest harness lists its tests with -l on stderr and exits 4, as test_sgx.
+    assert "unclobbered_vdso" in result.stdout + result.stderr, result.stderr
+    assert "No such file or directory" not in result.stderr
