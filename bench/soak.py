@@ -11,7 +11,9 @@ A daemon (--capacity 64M, --time-scale 0) serves a temporary mountpoint. For --s
   scratch cgroups (with children) under a cgroup of its own.
 An error is anything the kernel would not answer: a failed read, a limit write refused,
 mkdir/rmdir of an empty cgroup failing, an enclave call failing with anything other
-than ENOMEM or SIGBUS, a worker dying of anything but our SIGKILL, or the daemon exiting.
+than ENOMEM or SIGBUS, a worker dying of anything but a SIGKILL (ours, or its memcg's
+OOM killer: workers declare memory that stays charged until they exit), or the daemon
+exiting.
 
 At the end every worker stops; then misc.current and memory.current of every cgroup
 must read 0 and the daemon's RSS (VmRSS, after a warm-up of WARMUP seconds) must have
@@ -23,6 +25,7 @@ grown by less than --max-rss-growth percent. Exit 0 only if all holds. Run as ro
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import random
 import shutil
@@ -78,7 +81,7 @@ class Soak:
         self.cgroups = [mnt / f"w{i}" for i in range(workers)]
         self.procs: dict[Path, subprocess.Popen] = {}
         self.errors: list[str] = []
-        self.counts = {"reads": 0, "limit writes": 0, "mkdir+rmdir": 0, "kills": 0,
+        self.counts = {"reads": 0, "limit writes": 0, "mkdir+rmdir": 0, "kills": 0, "oom kills": 0,
                        "tree walks": 0}
         self.stop = threading.Event()
         self.killed: set[int] = set()
@@ -96,7 +99,9 @@ class Soak:
     def check_workers(self) -> None:
         for cg, proc in list(self.procs.items()):
             if proc.poll() is not None:
-                if proc.pid not in self.killed:
+                if proc.returncode == -signal.SIGKILL and proc.pid not in self.killed:
+                    self.counts["oom kills"] += 1  # its memcg's OOM killer (declare)
+                elif proc.pid not in self.killed:
                     self.error(f"worker in {cg.name} exited with {proc.returncode}")
                 if not self.stop.is_set():
                     self.start_worker(cg)
@@ -114,7 +119,8 @@ class Soak:
                     except FileNotFoundError:
                         pass  # a scratch cgroup went away mid-walk
                     except OSError as e:
-                        self.error(f"read {path}: {e}")
+                        if e.errno != errno.ENODEV:  # ... after the open: kernfs's ENODEV
+                            self.error(f"read {path}: {e}")
             self.counts["tree walks"] += 1
 
     def writer(self) -> None:
