@@ -129,15 +129,16 @@ def cgroupfs(mount_epcfs) -> Path:
     return mount_epcfs().path
 
 
-@pytest.fixture(scope="session")
-def shared_epcfs(tmp_path_factory) -> Iterator[Daemon]:
+@pytest.fixture(scope="session", params=["auto", "events"])
+def shared_epcfs(tmp_path_factory, request) -> Iterator[Daemon]:
     """One daemon for a whole session, for tests that only need cgroups of their own
-    under its root (see tests/fs/conftest.py's `cg`). Its root enables memory and misc
-    for its children; tests must not change root state. Unmounted at session end, when
-    its log must show no unexpected handler failure."""
+    under its root (see tests/fs/conftest.py's `cg`), once in each membership mode (auto
+    is cgroup wherever it works). Its root enables memory and misc for its children;
+    tests must not change root state. Unmounted at session end, when its log must show
+    no unexpected handler failure."""
     mp = tmp_path_factory.mktemp("shared") / "mnt"
     mp.mkdir()
-    daemon = Daemon(mp)
+    daemon = Daemon(mp, "--membership", request.param)
     try:
         (mp / "cgroup.subtree_control").write_text("+memory +misc\n")
         yield daemon

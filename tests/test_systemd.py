@@ -123,6 +123,7 @@ def test_unit_contract():
     assert service["ExecStart"] == (
         "/usr/local/bin/epcfs mount --foreground $EPCFS_OPTIONS ${EPCFS_MOUNTPOINT}")
     assert service["ExecStopPost"].startswith("-/usr/bin/fusermount3 -u")
+    assert service["Delegate"] == "yes"  # the membership mirror lives in its own cgroup
     assert ("Install", "WantedBy", "multi-user.target") in entries
     assert int(service["OOMScoreAdjust"]) < 0
     assert service["RestrictAddressFamilies"] == "AF_UNIX AF_NETLINK"

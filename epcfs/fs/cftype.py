@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from ..model.cgroup import Cgroup, Hierarchy
 
 if TYPE_CHECKING:
-    from .procs import ProcessTracker
+    from ..host.tracker import ProcessTracker
 
 
 class Where(Enum):

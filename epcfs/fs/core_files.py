@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 
+from ..host.pidns import to_caller_ns
 from ..model.cgroup import CONTROLLERS, Cgroup, sorted_controllers
 from ..model.constants import INT_MAX
 from ..model.errors import KernelError
@@ -71,7 +72,7 @@ def _type_write(ctx: Context, cg: Cgroup, text: str, caller: Caller) -> None:
 def _procs_show(ctx: Context, cg: Cgroup, caller: Caller) -> str:
     """Members as the reader's pid namespace numbers them; those it cannot see are left
     out (cgroup_procs_show: task_pid_vnr, skipped when 0)."""
-    return _lines(sorted(ctx.tracker.proc.to_caller_ns(ctx.tracker.members(cg), caller.pid)))
+    return _lines(sorted(to_caller_ns(ctx.tracker.proc, ctx.tracker.members(cg), caller.pid)))
 
 
 def _procs_write(ctx: Context, cg: Cgroup, text: str, caller: Caller) -> None:
@@ -80,7 +81,7 @@ def _procs_write(ctx: Context, cg: Cgroup, text: str, caller: Caller) -> None:
 
 
 def _threads_show(ctx: Context, cg: Cgroup, caller: Caller) -> str:
-    return _lines(ctx.tracker.proc.to_caller_ns(ctx.tracker.threads(cg), caller.pid))
+    return _lines(to_caller_ns(ctx.tracker.proc, ctx.tracker.threads(cg), caller.pid))
 
 
 def _threads_write(ctx: Context, cg: Cgroup, text: str, caller: Caller) -> None:
@@ -108,8 +109,8 @@ def _subtree_control_write(ctx: Context, cg: Cgroup, text: str, caller: Caller) 
 
 
 def _events_show(ctx: Context, cg: Cgroup) -> str:
-    ctx.tracker.settle()
-    return f"populated {int(cg.populated)}\nfrozen {int(cg.frozen)}\n"
+    populated, frozen = ctx.tracker.events(cg)
+    return f"populated {int(populated)}\nfrozen {int(frozen)}\n"
 
 
 def _max_descendants_show(ctx: Context, cg: Cgroup) -> str:

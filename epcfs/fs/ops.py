@@ -396,7 +396,7 @@ class CgroupFs(pyfuse3.Operations):
         if parent.cftype is not None:
             raise pyfuse3.FUSEError(errno.ENOTDIR)
         self._check_top(parent)
-        cg = self._ctx(parent.cgroup).hierarchy.mkdir(parent.cgroup, os.fsdecode(name))
+        cg = self._ctx(parent.cgroup).tracker.mkdir(parent.cgroup, os.fsdecode(name))
         owner = (ctx.uid, ctx.gid)
         if owner != NO_OWNER:  # kernfs nodes get the creator's fsuid/fsgid
             self.owners[(cg, None)] = owner
@@ -413,8 +413,7 @@ class CgroupFs(pyfuse3.Operations):
                 raise pyfuse3.FUSEError(errno.ENOTDIR)
             raise pyfuse3.FUSEError(errno.ENOENT)
         context = self._ctx(cg)
-        context.tracker.settle()
-        context.hierarchy.rmdir(cg)
+        context.tracker.rmdir(cg)
         for key in [k for k in self.by_key if k[0] is cg]:
             self._drop(*key)
         self.owners.pop((cg, None), None)

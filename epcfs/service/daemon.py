@@ -18,6 +18,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 
+from ..host.membership import MODES as MEMBERSHIP_MODES
 from ..model.cgroup import CONTROLLERS
 from ..model.constants import SGX_MAX_EPC_SECTIONS
 from ..protocol import default_socket
@@ -60,6 +61,9 @@ class MountConfig:
     cgroup_version: int = 2
     """2: one cgroup2 hierarchy at the mountpoint. 1: the v1 layout, a read-only
     directory holding two hierarchies, `misc` and `memory` (root_controllers unused)."""
+    membership: str = "auto"
+    """Who tracks which process is in which cgroup (MEMBERSHIP_MODES): "cgroup",
+    the kernel in a mirror of the tree; "events", fork events; "auto": cgroup if it can."""
     socket_mode: int | None = None
     """Permission bits added to the enclave socket's 0660 (group sgx) or 0600."""
     log_file: str | None = None
@@ -115,7 +119,12 @@ def add_mount_options(p: argparse.ArgumentParser) -> None:
                         "such as busybox cat; auto (default): content only on such a kernel")
     p.add_argument("--enclave-socket", metavar="PATH", default=None,
                    help="where the simulated /dev/sgx_enclave listens (default: "
-                        "/run/epcfs/<mountpoint>.sock; clients use $EPCFS_SOCKET or that)")
+                        "/run/epcfs/sockets/<mountpoint>.sock; clients use $EPCFS_SOCKET or that)")
+    p.add_argument("--membership", choices=MEMBERSHIP_MODES, default=None,
+                   help="cgroup: the kernel tracks processes, in real cgroups mirroring "
+                        "the tree below the daemon's own cgroup2 cgroup (v1 layout: in named "
+                        "v1 hierarchies); events: the proc connector's fork events do; auto "
+                        "(default): cgroup where it works")
 
 
 def parse_controllers(text: str) -> str:
@@ -174,6 +183,7 @@ def config_from_args(args: argparse.Namespace, mountpoint: str) -> MountConfig:
                           else args.root_controllers),
         cgroup_version=getattr(args, "cgroup_version", None) or 2,
         file_size=getattr(args, "file_size", None) or MountConfig.file_size,
+        membership=getattr(args, "membership", None) or MountConfig.membership,
         foreground=getattr(args, "foreground", False) or getattr(args, "debug", False),
         debug=getattr(args, "debug", False),
         socket_mode=getattr(args, "socket_mode", None),
@@ -326,13 +336,32 @@ def notify_systemd(*fields: str) -> None:
 
 def serve(cfg: MountConfig, ready) -> int:
     """Mount, run every task until SIGTERM/SIGINT or an unmount, then unmount cleanly."""
+    from .enclave_socket import EnclaveSocket, SocketBusy
+
+    # The socket is bound before the mount exists: nothing the daemon does may touch its
+    # own mount before the FUSE loop serves it, or it waits on itself in the kernel. And
+    # first of all: a second daemon for the same socket leaves before it makes anything.
+    enclave_socket = EnclaveSocket(cfg.enclave_socket or default_socket(cfg.mountpoint),
+                                   cfg.socket_mode)
+    try:
+        listening = enclave_socket.open()
+    except (SocketBusy, OSError) as e:
+        log.error("cannot listen on the enclave socket: %s", e)
+        return 1
+    try:
+        return _build_and_serve(cfg, ready, listening)
+    finally:
+        enclave_socket.close()
+
+
+def _build_and_serve(cfg: MountConfig, ready, listening) -> int:
+    """The simulated machine and its trackers, then _serve."""
     from ..fs.cftype import Context
     from ..fs.ops import CgroupFs
-    from ..fs.procs import LegacyTrackers, ProcessTracker
+    from ..host.membership import LegacyTrackers, open_tracker
     from ..model.cgroup import Hierarchy
     from ..model.sgx import Sgx
     from .enclave_server import EnclaveServer
-    from .enclave_socket import EnclaveSocket, SocketBusy
     from .reclaimers import Reclaimers
     from .steps import Stepper
 
@@ -349,32 +378,24 @@ def serve(cfg: MountConfig, ready) -> int:
     # EPC page is done before the mount answers (its time is not spent; a selftest run
     # right after mounting must not meet a half-sanitized EPC and fail with ENOMEM).
     sgx.sanitize_all()
-    if cfg.cgroup_version == 1:
-        contexts = (Context(hierarchy, ProcessTracker(hierarchy)),
-                    Context(hierarchy.mem, ProcessTracker(hierarchy.mem)))
-        tracker = LegacyTrackers(*(c.tracker for c in contexts))
-        fs = CgroupFs(contexts[0], v1=contexts)
-    else:
-        tracker = ProcessTracker(hierarchy)
-        fs = CgroupFs(Context(hierarchy, tracker))
+    try:
+        if cfg.cgroup_version == 1:
+            contexts = tuple(Context(h, open_tracker(h, cfg.membership))
+                             for h in (hierarchy, hierarchy.mem))
+            tracker = LegacyTrackers(*(c.tracker for c in contexts))
+            fs = CgroupFs(contexts[0], v1=contexts)
+        else:
+            tracker = open_tracker(hierarchy, cfg.membership)
+            fs = CgroupFs(Context(hierarchy, tracker))
+    except OSError as e:
+        log.error("--membership %s: %s", cfg.membership, e)
+        return 1
     fs.sized_files = cfg.file_size == "content"
     steps = Stepper(sgx, tracker, cfg.time_scale)
     reclaimers = Reclaimers(sgx, steps)
     server = EnclaveServer(sgx, tracker, sections, steps, reclaimers)
-    # The socket is bound before the mount exists: nothing the daemon does may touch its
-    # own mount before the FUSE loop serves it, or it waits on itself in the kernel.
-    enclave_socket = EnclaveSocket(cfg.enclave_socket or default_socket(cfg.mountpoint),
-                                   cfg.socket_mode)
-    try:
-        listening = enclave_socket.open()
-    except (SocketBusy, OSError) as e:
-        log.error("cannot listen on the enclave socket: %s", e)
-        return 1
-    try:
-        with pidfile(cfg.pidfile):
-            return _serve(cfg, ready, fs, tracker, reclaimers, server, listening)
-    finally:
-        enclave_socket.close()
+    with pidfile(cfg.pidfile):
+        return _serve(cfg, ready, fs, tracker, reclaimers, server, listening)
 
 
 @contextlib.contextmanager

@@ -21,7 +21,7 @@ from collections.abc import Awaitable, Callable
 
 import trio
 
-from ..fs.procs import ProcessTracker
+from ..host.tracker import ProcessTracker
 from ..model.constants import PAGE_SIZE, SGX_NR_LOW_PAGES, SGX_NR_TO_SCAN, SgxPageType
 from ..model.enclave import Enclave, Vepc
 from ..model.errors import Blocked, KernelError, NeedReclaim

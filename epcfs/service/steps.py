@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import trio
 
-from ..fs.procs import ProcessTracker
+from ..host.tracker import ProcessTracker
 from ..model.sgx import Sgx
 from .timing import cost
 

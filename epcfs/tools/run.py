@@ -34,7 +34,7 @@ import sys
 import tempfile
 from collections.abc import Iterator, Sequence
 
-from ..namespace import (
+from ..host.mountns import (
     CGROUP_ROOT,
     enter_private_mount_namespace,
     fake_proc_cgroups,

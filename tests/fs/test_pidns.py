@@ -18,7 +18,11 @@ from pathlib import Path
 import pytest
 
 from epcfs.fs.cftype import Caller
-from epcfs.fs.procs import Proc, ProcessTracker
+from epcfs.host.cgroup_tracker import MirrorTracker
+from epcfs.host.events import EventTracker
+from epcfs.host.mirror import Mirror
+from epcfs.host.pidns import to_caller_ns, to_daemon_ns
+from epcfs.host.proc import Proc
 from epcfs.model.cgroup import Hierarchy
 from epcfs.model.errors import KernelError
 
@@ -65,26 +69,26 @@ def test_status_reads_nspid(fake_proc):
 
 
 def test_host_callers_see_and_write_daemon_pids(fake_proc):
-    assert fake_proc.to_daemon_ns(201, 5) == 201
-    assert fake_proc.to_caller_ns([1, 5, 100, 201], 5) == [1, 5, 100, 201]
-    assert fake_proc.to_daemon_ns(201, 0) == 201  # caller outside our namespace: as is
+    assert to_daemon_ns(fake_proc, 201, 5) == 201
+    assert to_caller_ns(fake_proc, [1, 5, 100, 201], 5) == [1, 5, 100, 201]
+    assert to_daemon_ns(fake_proc, 201, 0) == 201  # caller outside our namespace: as is
 
 
 def test_container_pids_map_to_their_own_namespace_only(fake_proc):
     # the same inner pid 2 is 101 for A and 201 for B
-    assert fake_proc.to_daemon_ns(2, 100) == 101
-    assert fake_proc.to_daemon_ns(2, 200) == 201
-    assert fake_proc.to_daemon_ns(1, 201) == 200
-    assert fake_proc.to_daemon_ns(5, 100) is None  # a host pid means nothing in A
-    assert fake_proc.to_daemon_ns(3, 100) == 300   # nested: A names it 3
-    assert fake_proc.to_daemon_ns(3, 200) is None
+    assert to_daemon_ns(fake_proc, 2, 100) == 101
+    assert to_daemon_ns(fake_proc, 2, 200) == 201
+    assert to_daemon_ns(fake_proc, 1, 201) == 200
+    assert to_daemon_ns(fake_proc, 5, 100) is None  # a host pid means nothing in A
+    assert to_daemon_ns(fake_proc, 3, 100) == 300   # nested: A names it 3
+    assert to_daemon_ns(fake_proc, 3, 200) is None
 
 
 def test_readers_see_only_their_namespace(fake_proc):
     everyone = sorted(FAKE)
-    assert fake_proc.to_caller_ns(everyone, 101) == [1, 2, 3]
-    assert fake_proc.to_caller_ns(everyone, 201) == [1, 2]
-    assert fake_proc.to_caller_ns(everyone, 300) == [1]
+    assert to_caller_ns(fake_proc, everyone, 101) == [1, 2, 3]
+    assert to_caller_ns(fake_proc, everyone, 201) == [1, 2]
+    assert to_caller_ns(fake_proc, everyone, 300) == [1]
 
 
 # -- real namespaces --------------------------------------------------------------------
@@ -140,10 +144,10 @@ def test_real_nested_namespaces_map_both_ways():
         try:
             proc = Proc()
             assert proc.status(a).nspid == (a, 1)
-            assert proc.to_daemon_ns(1, a) == a
-            assert proc.to_daemon_ns(1, b) == b
-            assert proc.to_caller_ns([os.getpid(), a, b], a) == [1]
-            assert proc.to_caller_ns([os.getpid(), a, b], b) == [1]
+            assert to_daemon_ns(proc, 1, a) == a
+            assert to_daemon_ns(proc, 1, b) == b
+            assert to_caller_ns(proc, [os.getpid(), a, b], a) == [1]
+            assert to_caller_ns(proc, [os.getpid(), a, b], b) == [1]
             # b's outer namespace (the middle one) sees b as its NSpid[1]
             middle_init = proc.status(b).nspid[1]
             assert middle_init > 1
@@ -156,20 +160,21 @@ def test_real_nested_namespaces_map_both_ways():
 
 
 @needs_unshare
-def test_tracker_moves_the_writers_pid_and_lists_in_the_readers():
+@pytest.mark.parametrize("mode", ["cgroup", "events"])
+def test_tracker_moves_the_writers_pid_and_lists_in_the_readers(mode):
     h = Hierarchy({"sgx_epc": 1 << 20})
-    t = ProcessTracker(h, use_connector=False)
+    t = MirrorTracker(h, Mirror()) if mode == "cgroup" else EventTracker(h)
     outer, a = _spawn_in_new_pidns(1)
     try:
-        cg = h.mkdir(h.root, "c")
+        cg = t.mkdir(h.root, "c")
         inside = Caller(a, 0, 0)  # as if `a` wrote "1" (itself, in its namespace)
         t.attach(1, cg, inside)
         assert t.members(cg) == [a]
-        assert t.proc.to_caller_ns(t.members(cg), a) == [1]
+        assert to_caller_ns(t.proc, t.members(cg), a) == [1]
         with pytest.raises(KernelError) as e:
             t.attach(os.getpid(), cg, inside)  # the host's pid means nothing to it
         assert e.value.errno == errno.ESRCH
-        assert os.getpid() not in t.proc.to_caller_ns(t.members(h.root), a)
+        assert os.getpid() not in to_caller_ns(t.proc, t.members(h.root), a)
     finally:
         _kill(outer)
         t.close()

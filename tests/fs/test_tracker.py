@@ -1,4 +1,6 @@
-"""ProcessTracker in-process, as the enclave server uses it: which cgroup is a peer in?"""
+"""The trackers in-process, as the enclave server uses them: which cgroup is a peer in?
+Every membership backend: the kernel-backed mirror, fork events, and PPid walks (events
+without the proc connector)."""
 
 from __future__ import annotations
 
@@ -11,7 +13,9 @@ import sys
 import pytest
 
 from epcfs.fs.cftype import Caller
-from epcfs.fs.procs import ProcessTracker
+from epcfs.host.cgroup_tracker import MirrorTracker
+from epcfs.host.events import EventTracker
+from epcfs.host.mirror import Mirror
 from epcfs.model.cgroup import Hierarchy
 from epcfs.model.errors import KernelError
 
@@ -20,19 +24,23 @@ from .util import wait_for
 ME = Caller(os.getpid(), 0, 0)
 
 
-@pytest.fixture(params=[True, False], ids=["connector", "ppid-walk"])
+@pytest.fixture(params=["mirror", "connector", "ppid-walk"])
 def tracked(request):
+    """(hierarchy, tracker, whether it knows where orphans were forked)"""
     h = Hierarchy({"sgx_epc": 1 << 20})
-    t = ProcessTracker(h, use_connector=request.param)
-    if request.param and t.forks is None:
-        pytest.skip("no proc connector here")
-    yield h, t, request.param
+    if request.param == "mirror":
+        t = MirrorTracker(h, Mirror())
+    else:
+        t = EventTracker(h, use_connector=request.param == "connector")
+        if request.param == "connector" and t.forks is None:
+            pytest.skip("no proc connector here")
+    yield h, t, request.param != "ppid-walk"
     t.close()
 
 
 def test_cgroup_of_follows_moves_forks_and_exits(tracked):
     h, t, connector = tracked
-    a = h.mkdir(h.root, "a")
+    a = t.mkdir(h.root, "a")
     p = subprocess.Popen(["sh", "-c", "read x; sleep 30 & echo $!; exec sleep 30"],
                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
@@ -58,11 +66,11 @@ def test_cgroup_of_follows_moves_forks_and_exits(tracked):
 
 
 def test_orphans_forked_before_anyone_looked(tracked):
-    """Only the proc connector sees a child whose parent exits before it is looked up."""
-    h, t, connector = tracked
-    if not connector:
+    """Fork events and the kernel see a child whose parent exits before it is looked up."""
+    h, t, exact = tracked
+    if not exact:
         pytest.skip("the PPid walk cannot know where an orphan was forked")
-    a = h.mkdir(h.root, "a")
+    a = t.mkdir(h.root, "a")
     p = subprocess.Popen(["sh", "-c", "read x; sleep 30 >/dev/null & echo $!"],
                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     t.attach(p.pid, a, ME)
@@ -78,7 +86,7 @@ def test_orphans_forked_before_anyone_looked(tracked):
 
 def test_threads_resolve_to_their_process_and_unknown_pids_fail(tracked):
     h, t, _ = tracked
-    a = h.mkdir(h.root, "a")
+    a = t.mkdir(h.root, "a")
     p = subprocess.Popen([sys.executable, "-c",
                           "import threading,time\n"
                           "t=threading.Thread(target=time.sleep,args=(30,),daemon=True)\n"
@@ -101,9 +109,9 @@ def test_threads_resolve_to_their_process_and_unknown_pids_fail(tracked):
 
 def test_exit_hooks_and_oom_kills(tracked):
     h, t, _ = tracked
-    a = h.mkdir(h.root, "a")
+    a = t.mkdir(h.root, "a")
     h.write_subtree_control(h.root, "+memory")
-    b = h.mkdir(h.root, "b")
+    b = t.mkdir(h.root, "b")
     seen = []
     t.exit_hooks.append(seen.append)
     p = subprocess.Popen(["sleep", "30"])
@@ -115,3 +123,29 @@ def test_exit_hooks_and_oom_kills(tracked):
     wait_for(lambda: t.settle() or seen == [p.pid])  # no run() task here: settle()
     assert b.memory.events["oom_kill"] == 1
     assert a.procs == set()
+
+
+def test_lost_fork_events_are_resynchronised_from_proc_and_logged(caplog):
+    """ENOBUFS (the connector's queue overflowed): what /proc still shows is recovered,
+    children of live members included, and the log says events were lost."""
+    h = Hierarchy({"sgx_epc": 1 << 20})
+    t = EventTracker(h)
+    if t.forks is None:
+        pytest.skip("no proc connector here")
+    a = t.mkdir(h.root, "a")
+    p = subprocess.Popen(["sh", "-c", "read x; sleep 30 & echo $!; exec sleep 30"],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        t.attach(p.pid, a, ME)
+        p.stdin.write("go\n")
+        p.stdin.flush()
+        child = int(p.stdout.readline())
+        t.forks.drain()  # the fork events are gone unread
+        t.forks.lost = True
+        t.settle()
+        assert t.members(a) == sorted([p.pid, child])
+        assert "fork events lost" in caplog.text
+    finally:
+        p.kill()
+        p.wait()
+        t.close()

@@ -13,7 +13,7 @@ from epcfs.fs import ops
 from epcfs.fs.cftype import CfType, Context, Where
 from epcfs.fs.ops import CgroupFs, kernfs_name_hash
 from epcfs.fs.parse import kstrtoint, kstrtoull, page_counter_memparse, strstrip
-from epcfs.fs.procs import ProcessTracker
+from epcfs.host.events import EventTracker
 from epcfs.model.cgroup import Hierarchy
 from epcfs.model.constants import PAGE_COUNTER_MAX
 from epcfs.model.errors import KernelError
@@ -86,7 +86,7 @@ def fs(monkeypatch):
     extra = (CfType("test.boom", Where.ALL, show=boom, write=refuse),)
     monkeypatch.setattr(ops, "TABLES", (*ops.TABLES, extra))
     h = Hierarchy({"sgx_epc": 1 << 20})
-    tracker = ProcessTracker(h, use_connector=False)
+    tracker = EventTracker(h, use_connector=False)
     yield CgroupFs(Context(h, tracker))
     tracker.close()
 
