@@ -8,6 +8,10 @@ Each request and each reply is one JSON object in one datagram. A request names 
 `op` from OPS with that op's fields; a reply is {"ok": true, …} or
 {"errno": N, "count": pages done before the error} or {"signal": "SIGBUS"} when the
 kernel would have sent the process that signal (a fault it cannot serve).
+
+Before any handler runs, `check` holds a request to OPS, the table of each op's fields
+with their JSON types and ranges: a malformed request gets {"errno": EINVAL} (what the
+ioctl's own argument checks return) and changes nothing. Adding an op is adding a row.
 """
 
 from __future__ import annotations
