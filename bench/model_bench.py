@@ -1,8 +1,9 @@
 """How fast the EPC model simulates, and what it costs in memory at large EPC sizes.
 
     .venv/bin/python bench/model_bench.py [--capacities 128M,1G,4G,64G] [--seconds 2]
+        [--budget 20]
 
-Prints two tables:
+Prints three tables:
 
 1. One oversubscribed enclave load per capacity C, each in a fresh process (so peak RSS
    is that load's): test_sgx's enclave (10 measured pages, then a heap of C) is created
@@ -15,6 +16,12 @@ Prints two tables:
    - the same load page by page (bulk path off: the reference implementation),
    - an enclave running over an EPC half its size (every touch of an evicted page is a
      fault: ELDU on the no-reclaim path, RETRY, a ksgxd round, fault again).
+3. test_sgx's unclobbered_vdso_oversubscribed_remove per capacity, unpaced, each
+   operation kind timed on its own with its page ops/s and its ratio to 128M: the
+   load, MODIFY_TYPES to TRIM over the heap, EACCEPT of every heap page (each faulted
+   in first, as the enclave server does), REMOVE_PAGES over the heap; and an enclave
+   touching a twice-oversubscribed heap. A kind that has not finished after --budget
+   seconds stops there; its time is then projected from its rate so far (marked ~).
 """
 
 from __future__ import annotations
@@ -29,8 +36,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from epcfs.model import Fault, Hierarchy, Sgx, SgxPageType  # noqa: E402
+import errno  # noqa: E402
+
+from epcfs.model import Fault, Hierarchy, KernelError, Sgx, SgxPageType  # noqa: E402
 from epcfs.model.constants import PAGE_SIZE, SGX_EPC  # noqa: E402
+from epcfs.model.invariants import check_invariants  # noqa: E402
 from epcfs.units import parse_size  # noqa: E402
 
 TEST_ENCL_PAGES = 10
@@ -80,7 +90,7 @@ def one_load(capacity: int, limited: bool) -> dict:
     t0 = time.perf_counter()
     build(sgx, capacity // PAGE_SIZE, None)
     seconds = time.perf_counter() - t0
-    sgx.check_invariants()
+    check_invariants(sgx)
     return {"seconds": seconds, "ewb": sgx.encls["EWB"], "eadd": sgx.encls["EADD"],
             "rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
@@ -129,11 +139,124 @@ def rates_table(seconds: float) -> None:
         while time.perf_counter() < deadline:
             for _ in range(256):
                 while sgx.fault(encl, PID, i) is Fault.RETRY:
-                    sgx.ksgxd_step()
+                    sgx.reclaim.ksgxd()
                 i = TEST_ENCL_PAGES + (i + 7919 - TEST_ENCL_PAGES) % (encl.nr_pages - 10)
 
     rate(f"enclave touching a 2x-oversubscribed heap, {human(capacity)} EPC", sgx, storm)
-    sgx.check_invariants()
+    check_invariants(sgx)
+
+
+SLICE = 4096
+"""Pages per call in table 3, so a kind can stop at its budget between calls."""
+
+
+def faulted(sgx: Sgx, encl, i: int) -> None:
+    """An access to page i, retried as the enclave server does; ksgxd stands in for
+    the reclaimers that make room meanwhile."""
+    while (outcome := sgx.fault(encl, PID, i)) is Fault.RETRY:
+        sgx.reclaim.ksgxd()
+    assert outcome is Fault.OK, outcome
+
+
+def edmm_range(sgx: Sgx, call, first: int, count: int) -> int:
+    """An EDMM ioctl over [first, first+count), resumed after EAGAIN as test_sgx does."""
+    done = 0
+    while done < count:
+        try:
+            done += call(first + done, count - done)
+        except KernelError as e:
+            if e.errno != errno.EAGAIN:
+                raise
+            done += e.count
+            sgx.reclaim.ksgxd()
+    return done
+
+
+def timed(sgx: Sgx, total: int, budget: float, piece) -> tuple[float, int, bool]:
+    """Run piece(done, n) over `total` pages in SLICE steps until done or over budget.
+    Returns (seconds, page ops, finished)."""
+    before = page_ops(sgx)
+    t0 = time.perf_counter()
+    done = 0
+    while done < total:
+        n = min(SLICE, total - done)
+        piece(done, n)
+        done += n
+        elapsed = time.perf_counter() - t0
+        if elapsed > budget and done < total:
+            return elapsed * total / done, page_ops(sgx) - before, False
+    return time.perf_counter() - t0, page_ops(sgx) - before, True
+
+
+def remove_test(capacity: int, budget: float) -> dict[str, tuple[float, int, bool]]:
+    """Table 3's row for one capacity."""
+    heap = capacity // PAGE_SIZE
+    h, sgx = machine(capacity, None)
+    first = TEST_ENCL_PAGES
+    out: dict[str, tuple[float, int, bool]] = {}
+    encl = sgx.create(PID, 1 << ((TEST_ENCL_PAGES + heap) * PAGE_SIZE - 1).bit_length())
+    sgx.add_pages(encl, PID, 0, first, True)
+
+    def load(done: int, n: int) -> None:
+        sgx.add_pages(encl, PID, first + done, n, False)
+
+    out["load"] = timed(sgx, heap, budget, load)
+    if out["load"][2]:
+        remove_phases(sgx, encl, heap, budget, out)
+    h, sgx = machine(capacity, None)
+    encl = build(sgx, 2 * heap, ADD_CHUNK)
+
+    def touch(done: int, n: int) -> None:  # a stride through the whole heap, once
+        for j in range(done, done + n):
+            faulted(sgx, encl, TEST_ENCL_PAGES + (j * 7919) % (2 * heap))
+
+    out["touch 2x"] = timed(sgx, 2 * heap, budget, touch)
+    return out
+
+
+def remove_phases(sgx: Sgx, encl, heap: int, budget: float,
+                  out: dict[str, tuple[float, int, bool]]) -> None:
+    """EINIT, then trim, accept and remove the heap, each timed, until one runs over."""
+    first = TEST_ENCL_PAGES
+    sgx.init(encl)
+
+    def trim(done: int, n: int) -> None:
+        edmm_range(sgx, lambda a, c: sgx.edmm.modify_types(encl, PID, a, c, SgxPageType.TRIM),
+                   first + done, n)
+
+    def accept(done: int, n: int) -> None:  # as the enclave server does it
+        i, end = first + done, first + done + n
+        while i < end:
+            i += sgx.touch_resident(encl, i, end - i)
+            if i < end:
+                faulted(sgx, encl, i)
+                i += 1
+        sgx.edmm.accept(encl, first + done, n)
+
+    def remove(done: int, n: int) -> None:
+        edmm_range(sgx, lambda a, c: sgx.edmm.remove_pages(encl, PID, a, c), first + done, n)
+
+    for kind, piece in (("trim", trim), ("accept", accept), ("remove", remove)):
+        out[kind] = timed(sgx, heap, budget, piece)
+        if not out[kind][2]:
+            return
+    check_invariants(sgx)
+
+
+def remove_table(capacities: list[int], budget: float) -> None:
+    print("\nunclobbered_vdso_oversubscribed_remove and a touch loop, unpaced, per kind "
+          f"(~: projected after {budget:g} s)")
+    print(f"{'C':>6} {'kind':>9} {'time':>10} {'page ops':>11} {'M ops/s':>8} {'vs 128M':>8}")
+    base: dict[str, float] = {}
+    for capacity in capacities:
+        for kind, (seconds, ops, finished) in remove_test(capacity, budget).items():
+            base.setdefault(kind, seconds)
+            mark = " " if finished else "~"
+            rate = ops / seconds if finished else float("nan")
+            if not finished:  # the rate so far: ops happened within `budget` seconds
+                rate = ops / budget
+            print(f"{human(capacity):>6} {kind:>9} {mark}{seconds:>8.2f}s {ops:>11} "
+                  f"{rate / 1e6:>8.2f} {seconds / base[kind]:>7.1f}x")
 
 
 def human(size: int) -> str:
@@ -147,6 +270,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--capacities", default="128M,1G,4G,64G")
     p.add_argument("--seconds", type=float, default=2.0, help="length of the fault storm")
+    p.add_argument("--budget", type=float, default=20.0,
+                   help="seconds per operation kind in table 3 before projecting")
+    p.add_argument("--tables", default="1,2,3", help="which tables to print")
     p.add_argument("--one-load", type=int, help=argparse.SUPPRESS)
     p.add_argument("--limited", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--unlimited", action="store_true", help=argparse.SUPPRESS)
@@ -154,8 +280,14 @@ def main() -> None:
     if args.one_load:
         print(json.dumps(one_load(args.one_load, args.limited)))
         return
-    load_table([parse_size(c) for c in args.capacities.split(",")])
-    rates_table(args.seconds)
+    capacities = [parse_size(c) for c in args.capacities.split(",")]
+    tables = args.tables.split(",")
+    if "1" in tables:
+        load_table(capacities)
+    if "2" in tables:
+        rates_table(args.seconds)
+    if "3" in tables:
+        remove_table(capacities, args.budget)
 
 
 if __name__ == "__main__":

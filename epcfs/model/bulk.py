@@ -46,10 +46,9 @@ from .epc_cgroup import epc_cg, next_descendant_pre
 from .runs import Run, RunState
 
 if TYPE_CHECKING:
-    from .cgroup import Hierarchy
     from .enclave import Enclave
-    from .epc import Epc
     from .misc import MiscCss
+    from .sgx import Sgx
 
 
 def va_pages_for(page_cnt: int, pages: int) -> int:
@@ -66,19 +65,18 @@ def rounds_for(allocs: int, headroom: int) -> int:
 
 
 class BulkLoader:
-    """The bulk half of add_pages (mixed into Sgx; the state lives there)."""
+    """The bulk half of one Sgx's add_pages (Sgx.loader)."""
 
-    h: Hierarchy
-    epc: Epc
-    encls: Counter[str]
-    _ksgxd_wake: bool
-    stepwise_reclaim: bool
+    def __init__(self, sgx: Sgx) -> None:
+        self.sgx = sgx
 
-    def _bulk_add(self, encl: Enclave, pid: int, css: MiscCss, first: int, n: int,
-                  measured: bool, ptype: SgxPageType, pref: list[int]) -> int:
+    def add(self, encl: Enclave, pid: int, css: MiscCss, first: int, n: int,
+                  measured: bool, ptype: SgxPageType, pref: list[int], *,
+                  rounds: bool) -> int:
         """Add up to n absent pages from `first` in one step; returns how many (0: the
-        page-by-page path must take the next page)."""
-        cap = self.h.misc.capacity[SGX_EPC] // PAGE_SIZE
+        page-by-page path must take the next page). Only with `rounds` (no other task
+        runs between the caller's steps) may the step include try_charge rounds."""
+        cap = self.sgx.h.misc.capacity[SGX_EPC] // PAGE_SIZE
         chain = list(css.ancestors())
         usage = [level.res[SGX_EPC].usage // PAGE_SIZE for level in chain]
         heads = [min(level.res[SGX_EPC].max // PAGE_SIZE, cap) - u
@@ -86,14 +84,14 @@ class BulkLoader:
         headroom = min(heads)
         if headroom < 0:
             return 0
-        free = self.epc.free_total
+        free = self.sgx.epc.free_total
         c0 = encl.page_cnt
 
         def allocs(pages: int) -> int:
             return pages + va_pages_for(c0, pages)
 
         k_max = 0
-        if free >= headroom and allocs(n) > headroom and not self.stepwise_reclaim:
+        if rounds and free >= headroom and allocs(n) > headroom:
             k_max = self._rounds_possible(css, pid, rounds_for(allocs(n), headroom))
         budget = headroom + SGX_NR_TO_SCAN * k_max if k_max else min(headroom, free)
         lo, hi = 0, n  # the most pages whose allocations fit the budget
@@ -109,25 +107,24 @@ class BulkLoader:
         total = allocs(pages)
         k = rounds_for(total, headroom)
         evict = SGX_NR_TO_SCAN * k
-        lru_before = epc_cg(self.h.root.misc).subtree_lru
+        lru_before = epc_cg(self.sgx.h.root.misc).subtree_lru
         segs, free_after = self._alloc_plan(css, pref, total, headroom, k)
         self._evict_prefix(css, pid, evict)
-        for node in self.epc.nodes.values():
+        for node in self.sgx.epc.nodes.values():
             node.free = free_after[node.nid]
-        self.epc.free_total = sum(free_after.values())
+        self.sgx.epc.free_total = sum(free_after.values())
         self._commit_misc(css, chain, usage, heads.index(headroom), headroom, total, evict, k)
         page_runs, va_nodes = self._assign(segs, c0, pages)
         for lo_i, hi_i, nid in page_runs:
-            self._insert_resident(encl, Run(first + lo_i, first + hi_i, RunState.LRU, encl,
+            self.sgx.insert_resident(encl, Run(first + lo_i, first + hi_i, RunState.LRU, encl,
                                             node=nid, css=css, ptype=ptype))
         for nid, cnt in va_nodes.items():
-            encl.va[(nid, css)] += cnt
-            encl.va_pages += cnt
-            self.encls["EPA"] += cnt
-        encl.page_cnt += pages
-        self.encls["EADD"] += pages
+            encl.va_added(nid, css, cnt)
+            self.sgx.encls["EPA"] += cnt
+        encl.grown(pages)
+        self.sgx.encls["EADD"] += pages
         if measured:
-            self.encls["EEXTEND"] += SGX_EEXTENDS_PER_PAGE * pages
+            self.sgx.encls["EEXTEND"] += SGX_EEXTENDS_PER_PAGE * pages
         if k:
             epc_cg(css).next_cg = next_descendant_pre(css, css)
             last = total - headroom - SGX_NR_TO_SCAN * (k - 1)
@@ -135,9 +132,9 @@ class BulkLoader:
             if headroom or k > 1:
                 lowest = min(lowest, free - headroom)
             if lowest < SGX_NR_LOW_PAGES:
-                self._ksgxd_wake = True
+                self.sgx.reclaim.wake_ksgxd()
         elif free - total < SGX_NR_LOW_PAGES and lru_before + pages - 1 > 0:
-            self._ksgxd_wake = True
+            self.sgx.reclaim.wake_ksgxd()
         return pages
 
     def _rounds_possible(self, css: MiscCss, pid: int, wanted: int) -> int:
@@ -146,7 +143,7 @@ class BulkLoader:
         if state.subtree_lru != state.lru.pages:
             return 0
         k = min(wanted, (state.lru.pages - 1) // SGX_NR_TO_SCAN)
-        memcg = self.h.memcg_of(pid)
+        memcg = self.sgx.h.memcg_of(pid)
         if not memcg.is_root:
             room = min(level.max - level.usage for level in memcg.ancestors())
             k = min(k, max(0, room) // (2 * SGX_NR_TO_SCAN))
@@ -176,7 +173,7 @@ class BulkLoader:
 
         Rounds whose 16 pages all come from one node are taken together: the nodes ahead
         of it in `pref` are drained first either way, and it never runs out meanwhile."""
-        free = {nid: node.free for nid, node in self.epc.nodes.items()}
+        free = {nid: node.free for nid, node in self.sgx.epc.nodes.items()}
         segs: list[tuple[int, int]] = []
 
         def take(count: int) -> None:
@@ -241,7 +238,7 @@ class BulkLoader:
         the caller) and uncharged in the caller's misc commit."""
         if not count:
             return
-        memcg = self.h.memcg_of(pid)
+        memcg = self.sgx.h.memcg_of(pid)
         lru = epc_cg(css).lru
         pos = 0
         batch_no, batch_encls = -1, set()
@@ -251,9 +248,9 @@ class BulkLoader:
             encl = run.encl
             if take < len(run):
                 encl.pages.cut(run.start + take)
-            self._lru_unlink(run)
+            self.sgx.reclaim.lru_unlink(run)
             gaps = encl.pcmd_missing(run.start, run.end)
-            charged = self.h.mem.memory_try_charge(
+            charged = self.sgx.h.mem.memory_try_charge(
                 memcg, take + sum(g1 - g0 for g0, g1 in gaps), owner=encl.owner, current=pid)
             assert charged, "bulk eviction overran the memcg room it checked"
             encl.pcmd_add(gaps, memcg)
@@ -262,21 +259,19 @@ class BulkLoader:
                 batch_no, batch_encls = first_batch, set()
             if encl not in batch_encls:
                 batch_encls.add(encl)
-                self.encls["ETRACK"] += 1
+                self.sgx.encls["ETRACK"] += 1
             if last_batch != first_batch:
-                self.encls["ETRACK"] += last_batch - first_batch
+                self.sgx.encls["ETRACK"] += last_batch - first_batch
                 batch_no, batch_encls = last_batch, {encl}
             run.state = RunState.EVICTED
             run.memcg = memcg
             run.node = -1
             run.css = None
-            encl.va_used += take
-            encl.secs_child_cnt -= take
-            encl.nr_evicted += take
+            encl.children_written_back(take)
             encl.pages.merge_at(encl.pages.find(run.start))
             pos += take
-        self.encls["EBLOCK"] += count
-        self.encls["EWB"] += count
+        self.sgx.encls["EBLOCK"] += count
+        self.sgx.encls["EWB"] += count
 
     def _commit_misc(self, css: MiscCss, chain: list[MiscCss], usage: list[int],
                      fail_at: int, headroom: int, total: int, evict: int, k: int) -> None:
@@ -285,16 +280,16 @@ class BulkLoader:
         walks included) and events."""
         net = (total - evict) * PAGE_SIZE
         if net > 0:
-            self.h.misc.try_charge(SGX_EPC, css, net)
+            self.sgx.h.misc.try_charge(SGX_EPC, css, net)
         elif net < 0:
-            self.h.misc_uncharge(SGX_EPC, css, -net)
+            self.sgx.h.misc_uncharge(SGX_EPC, css, -net)
         peak = headroom if k else total
         for i, (level, u) in enumerate(zip(chain, usage, strict=True)):
             res = level.res[SGX_EPC]
             top = u + peak + (1 if k and i < fail_at else 0)
             res.watermark = max(res.watermark, top * PAGE_SIZE)
         if k:
-            self.h.misc.count_failure(SGX_EPC, chain[fail_at], k)
+            self.sgx.h.misc.count_failure(SGX_EPC, chain[fail_at], k)
 
     @staticmethod
     def _assign(segs: list[tuple[int, int]], c0: int,

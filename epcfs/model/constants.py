@@ -65,3 +65,10 @@ class SgxPageType(IntEnum):
     REG = 2
     VA = 3
     TRIM = 4
+
+ADD_CHUNK = 512
+"""Pages one step of ADD_PAGES adds at most (not a kernel constant: the model's step
+size). The kernel checks for signals and reschedules between pages; one step per page
+would make a load O(pages), so a step takes up to this many in bulk. It bounds how long
+a step holds the daemon's loop and spreads a load's cost over time as the kernel's does,
+which keeps the selftests' races (loads overlapping) as on hardware."""

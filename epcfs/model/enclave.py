@@ -75,6 +75,66 @@ class Enclave:
     def __repr__(self) -> str:
         return f"Enclave({self.id}, owner={self.owner}, {self.size_pages} pages)"
 
+    # -- every change of the counters above, named for what happened ----------------
+
+    def va_added(self, nid: int, css: MiscCss, count: int = 1) -> None:
+        """EPA made `count` VA pages on node nid, charged to css."""
+        self.va[(nid, css)] += count
+        self.va_pages += count
+
+    def grown(self, count: int = 1) -> None:
+        """sgx_encl_grow ran for `count` new pages."""
+        self.page_cnt += count
+
+    def children_added(self, count: int) -> None:
+        """`count` new child pages are resident (EADD, EAUG)."""
+        self.nr_pages += count
+        self.secs_child_cnt += count
+
+    def children_written_back(self, count: int) -> None:
+        """EWB of `count` children: each takes a VA slot and leaves EPC."""
+        self.va_used += count
+        self.secs_child_cnt -= count
+        self.nr_evicted += count
+
+    def child_loaded(self) -> None:
+        """ELDU of an evicted child (its VA slot is freed by slot_freed)."""
+        self.nr_evicted -= 1
+        self.secs_child_cnt += 1
+
+    def slot_freed(self) -> None:
+        """An index left the backing store: its VA slot is free again."""
+        self.va_used -= 1
+
+    def secs_written_back(self, memcg: MemCss) -> MiscCss:
+        """EWB of the SECS, its backing charged to memcg; returns the css it was charged
+        to in EPC."""
+        self.va_used += 1
+        self.secs_memcg = memcg
+        css, self.secs_css = self.secs_css, None
+        return css
+
+    def secs_loaded(self, nid: int, css: MiscCss) -> None:
+        """The SECS is in EPC on node nid, charged to css (ECREATE, or ELDU)."""
+        self.secs_node, self.secs_css = nid, css
+        self.secs_memcg = None
+
+    def child_removed(self, count: int = 1) -> None:
+        """REMOVE_PAGES freed `count` children."""
+        self.secs_child_cnt -= count
+        self.nr_pages -= count
+        self.page_cnt -= count
+
+    def emptied(self) -> None:
+        """Released: nothing left anywhere."""
+        self.released = True
+        self.pages = RunMap()
+        self.pcmd = RunMap()
+        self.va.clear()
+        self.secs_css = self.secs_memcg = None
+        self.nr_pages = self.nr_evicted = self.secs_child_cnt = self.nr_pcmd = 0
+        self.va_pages = self.va_used = 0
+
     @property
     def secs_index(self) -> int:
         """The SECS's slot in the backing file: right after the enclave's pages."""
@@ -149,3 +209,14 @@ class Vepc:
 
     def __repr__(self) -> str:
         return f"Vepc({self.id}, owner={self.owner}, {self.nr_pages} pages)"
+
+    def page_added(self, run) -> None:
+        """A guest page got its EPC page (a one-page run)."""
+        self.pages.merge_at(self.pages.insert(run))
+        self.nr_pages += 1
+
+    def emptied(self) -> None:
+        """Released: every guest page gone."""
+        self.pages = RunMap()
+        self.nr_pages = 0
+        self.released = True

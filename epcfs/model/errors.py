@@ -31,15 +31,15 @@ class KernelError(Exception):
 
 
 class Blocked(Exception):  # noqa: N818 (a state, not an error: nothing went wrong)
-    """The kernel would spin here until something else happens, so the model hands control
-    back instead of looping forever.
+    """The kernel would spin here until something else happens, and nothing else can: the
+    synchronous driver (engine.run) throws it into an operation at a WAIT step.
 
-    Raised by the reclaim-allowed allocation paths (ECREATE, ADD_PAGES) when a
+    That happens on the reclaim-allowed allocation paths (ECREATE, ADD_PAGES) when a
     synchronous reclaim round freed nothing because every backing-store charge failed
     against memory.max: the kernel loops (cond_resched) until the memcg OOM victim it
-    picked exits or a signal arrives. The service delivers the OOM kills in
-    Hierarchy.oom_kills, lets other tasks run, and calls the operation again for the rest
-    (or, if the caller itself was killed, releases its enclave instead).
+    picked exits or a signal arrives. A caller delivers the OOM kills in
+    Hierarchy.oom_kills and calls the operation again for the rest (the service's driver
+    instead waits at the WAIT and resumes the same operation).
 
     `count` pages were completed before blocking and stay completed. The page being
     allocated when the model blocked was given back, not held while waiting: the one
@@ -49,23 +49,3 @@ class Blocked(Exception):  # noqa: N818 (a state, not an error: nothing went wro
     def __init__(self, count: int = 0) -> None:
         super().__init__(count)
         self.count = count
-
-
-class NeedReclaim(Blocked):
-    """In stepwise mode (Sgx.stepwise_reclaim), the kernel would reclaim synchronously
-    here and then try again: the caller runs one reclaim round of `nr_to_scan` pages
-    over `root`'s subtree, charging the backing store to `charge_pid`'s memcg, as the
-    three separate steps (isolate, write back, free) with time between them, and calls
-    the operation again for the rest.
-
-    That is where the kernel's race lives: while a batch is between isolate and free its
-    pages are off the LRU, so another task's failed charge may find its cgroup's LRUs
-    empty and get ENOMEM. Done inside one call the window would never open.
-    """
-
-    def __init__(self, root: object, charge_pid: int | None, nr_to_scan: int,
-                 count: int = 0) -> None:
-        super().__init__(count)
-        self.root = root
-        self.charge_pid = charge_pid
-        self.nr_to_scan = nr_to_scan

@@ -43,6 +43,7 @@ from .constants import (
     SGX_NR_LOW_PAGES,
     SGX_NR_TO_SCAN,
 )
+from .engine import Steps, operation
 from .epc_cgroup import epc_cg, lru_changed, lru_empty, next_get, should_reclaim
 from .runs import Run, RunState
 
@@ -105,19 +106,24 @@ class Round:
         self.failed += other.failed
 
 
-class Reclaimer:
-    """The reclaim half of Sgx (mixed into it; the state lives there)."""
+class Reclaim:
+    """EPC reclamation for one Sgx (Sgx.reclaim): the LRUs' bookkeeping, the batches in
+    flight, the queued work items and ksgxd's wake-up. `encls` is the Sgx's counter of
+    ENCLS leaves, which reclaim adds to."""
 
-    h: Hierarchy
-    epc: Epc
-    encls: Counter[str]
-    batches: list[Batch]
-    async_work: dict[MiscCss, None]
-    _ksgxd_wake: bool
+    def __init__(self, h: Hierarchy, epc: Epc, encls: Counter[str]) -> None:
+        self.h = h
+        self.epc = epc
+        self.encls = encls
+        self.batches: list[Batch] = []
+        """Batches between their steps (isolated or written back, not yet freed)."""
+        self.async_work: dict[MiscCss, None] = {}
+        """Misc csses whose reclaim work item is queued on sgx_cg_wq, in queueing order."""
+        self._ksgxd_wake = False
 
     # -- LRU bookkeeping shared with the enclave operations -------------------------
 
-    def _lru_append(self, run: Run) -> None:
+    def lru_append(self, run: Run) -> None:
         """Mark reclaimable (sgx_mark_page_reclaimable): run goes to its css's LRU tail
         and joins its neighbours in the enclave's map where it can."""
         run.state = RunState.LRU
@@ -127,11 +133,11 @@ class Reclaimer:
         pages = run.encl.pages
         pages.merge_at(pages.find(run.start))
 
-    def _lru_unlink(self, run: Run) -> None:
+    def lru_unlink(self, run: Run) -> None:
         epc_cg(run.css).lru.unlink(run)
         lru_changed(run.css, -len(run))
 
-    def _free_epc(self, nid: int, css: MiscCss, count: int, eremove: bool) -> None:
+    def free_epc(self, nid: int, css: MiscCss, count: int, eremove: bool) -> None:
         """sgx_free_epc_page (after EREMOVE when the page still holds something)."""
         if eremove:
             self.encls["EREMOVE"] += count
@@ -158,7 +164,7 @@ class Reclaimer:
             take = min(SGX_NR_TO_SCAN - batch.scanned, len(run))
             if take < len(run):
                 run.encl.pages.cut(run.start + take)
-            self._lru_unlink(run)
+            self.lru_unlink(run)
             run.state = RunState.ISOLATED
             run.batch = batch
             batch.runs.append(run)
@@ -187,7 +193,7 @@ class Reclaimer:
         for run, ok in outcome:
             if not ok:
                 batch.runs.remove(run)
-                self._lru_append(run)
+                self.lru_append(run)
         self.encls["EBLOCK"] += sum(len(run) for run in to_write)
         self.encls["ETRACK"] += len({run.encl for run in to_write})
         for run in to_write:
@@ -248,9 +254,7 @@ class Reclaimer:
         batch.written += n
         batch.held[(run.node, run.css)] += n
         batch.runs.remove(run)
-        encl.va_used += n
-        encl.secs_child_cnt -= n
-        encl.nr_evicted += n
+        encl.children_written_back(n)
         run.state = RunState.EVICTED
         run.batch = None
         run.node = -1
@@ -270,10 +274,8 @@ class Reclaimer:
             return
         encl.pcmd_add(gaps, memcg)
         self.encls["EWB"] += 1
-        encl.va_used += 1
-        encl.secs_memcg = memcg
-        css, encl.secs_css = encl.secs_css, None
-        self._free_epc(encl.secs_node, css, 1, eremove=True)
+        css = encl.secs_written_back(memcg)
+        self.free_epc(encl.secs_node, css, 1, eremove=True)
 
     def free_batch(self, batch: Batch) -> int:
         """Step 3: free the written-back EPC pages, and the isolated pages whose enclave
@@ -283,21 +285,31 @@ class Reclaimer:
         batch.stage = Stage.FREED
         freed = 0
         for (nid, css), n in batch.held.items():
-            self._free_epc(nid, css, n, eremove=False)
+            self.free_epc(nid, css, n, eremove=False)
             freed += n
         for run in batch.runs:
-            self._free_epc(run.node, run.css, len(run), eremove=True)
+            self.free_epc(run.node, run.css, len(run), eremove=True)
             freed += len(run)
         batch.runs.clear()
         batch.held.clear()
         self.batches.remove(batch)
         return freed
 
-    def reclaim_pages(self, css: MiscCss, charge_pid: int | None = None) -> Batch:
-        """sgx_reclaim_pages: one batch, all three steps at once."""
+    @operation
+    def reclaim_pages(self, css: MiscCss, charge_pid: int | None = None) -> Steps[Batch]:
+        """sgx_reclaim_pages: one batch, its three steps with a preemption point between
+        each. While the batch is isolated or written back its pages are off the LRU:
+        another task's failed charge may find nothing to reclaim (the selftests' race).
+        A batch once isolated always completes, even if its caller goes away."""
         batch = self.isolate(css, charge_pid)
-        self.writeback(batch)
-        self.free_batch(batch)
+        try:
+            yield
+            self.writeback(batch)
+            yield
+        finally:
+            if batch.stage is Stage.ISOLATED:
+                self.writeback(batch)
+            self.free_batch(batch)
         return batch
 
     # -- rounds and their callers ----------------------------------------------------
@@ -310,18 +322,22 @@ class Reclaimer:
         """Nothing reclaimable in css's subtree (a round would stop)."""
         return lru_empty(css)
 
+    @operation
     def cgroup_reclaim_pages(self, root: MiscCss, charge_pid: int | None,
-                             nr_to_scan: int) -> Round:
+                             nr_to_scan: int) -> Steps[Round]:
         """sgx_cgroup_reclaim_pages: batches on root's subtree in the iterator's order
-        until nr_to_scan pages were scanned or nothing is left to scan."""
+        until nr_to_scan pages were scanned or nothing is left to scan. The one round
+        that try_charge, allocation, direct reclaim, ksgxd and the work items all run."""
         done = Round()
         while not lru_empty(root) and done.scanned < nr_to_scan:
-            done.add(self.reclaim_pages(next_get(root), charge_pid))
+            done.add((yield from self.reclaim_pages.steps(next_get(root), charge_pid)))
         return done
 
-    def reclaim_global(self, charge_pid: int | None = None) -> Round:
+    @operation
+    def reclaim_global(self, charge_pid: int | None = None) -> Steps[Round]:
         """sgx_cgroup_reclaim_pages_global: one round over the whole tree."""
-        return self.cgroup_reclaim_pages(self.h.root.misc, charge_pid, SGX_NR_TO_SCAN)
+        return (yield from self.cgroup_reclaim_pages.steps(self.h.root.misc, charge_pid,
+                                                           SGX_NR_TO_SCAN))
 
     def can_reclaim_global(self) -> bool:
         """sgx_can_reclaim_global: some LRU anywhere holds a page."""
@@ -343,15 +359,29 @@ class Reclaimer:
         woken, self._ksgxd_wake = self._ksgxd_wake, False
         return woken
 
-    def ksgxd_step(self) -> Round:
-        """One iteration of ksgxd's loop: a global round if should_wake_ksgxd()."""
-        if not self.should_wake_ksgxd():
-            return Round()
-        return self.reclaim_global(None)
+    @operation
+    def ksgxd(self) -> Steps[Round]:
+        """ksgxd once woken: global rounds while should_wake_ksgxd() holds.
 
-    def _maybe_wake_ksgxd(self) -> None:
+        Decision: a round that freed nothing because backing charges failed ends the
+        run (the kernel's ksgxd would spin until the memcg OOM victim exits); the next
+        allocation that leaves free pages low wakes it again."""
+        done = Round()
+        while self.should_wake_ksgxd():
+            last = yield from self.reclaim_global.steps(None)
+            done.merge(last)
+            if not last.freed and last.failed:
+                break
+        return done
+
+    def maybe_wake_ksgxd(self) -> None:
+        """wake_up(&ksgxd_waitq) after an allocation, if free pages are low."""
         if self.should_reclaim_global(SGX_NR_LOW_PAGES):
             self._ksgxd_wake = True
+
+    def wake_ksgxd(self) -> None:
+        """wake_up(&ksgxd_waitq)."""
+        self._ksgxd_wake = True
 
     def should_reclaim(self, css: MiscCss) -> bool:
         """sgx_cgroup_should_reclaim (the async worker's loop condition)."""
@@ -364,7 +394,7 @@ class Reclaimer:
     def work_pending(self, css: MiscCss) -> bool:
         """The loop test of css's work item (sgx_cgroup_reclaim_work_func): True while it
         has a round to do; once should_reclaim(css) is false the item finishes and leaves
-        async_work. The service's worker task and async_step both ask here."""
+        async_work."""
         if css not in self.async_work:
             return False
         if not should_reclaim(css):
@@ -372,19 +402,29 @@ class Reclaimer:
             return False
         return True
 
-    def async_step(self, css: MiscCss) -> Round:
-        """One iteration of css's work item, its round in one call."""
-        if not self.work_pending(css):
-            return Round()
-        return self.cgroup_reclaim_pages(css, None, SGX_NR_TO_SCAN)
+    @operation
+    def work_item(self, css: MiscCss) -> Steps[Round]:
+        """sgx_cgroup_reclaim_work_func for a queued css: rounds while it is near its
+        limit. A css whose item is not queued does nothing. As ksgxd, a round that freed
+        nothing because backing charges failed ends the item (it is queued again by the
+        next no-reclaim failure)."""
+        done = Round()
+        while self.work_pending(css):
+            last = yield from self.cgroup_reclaim_pages.steps(css, None, SGX_NR_TO_SCAN)
+            done.merge(last)
+            if not last.freed and last.failed:
+                self.async_work.pop(css, None)  # (the css may have gone meanwhile)
+                break
+        return done
 
-    def reclaim_direct(self, pid: int) -> Round:
+    @operation
+    def reclaim_direct(self, pid: int) -> Steps[Round]:
         """sgx_reclaim_direct, run before each page of an EDMM ioctl: the caller's own
         cgroup first if near its limit, then globally if free pages are low."""
         done = Round()
         css = self.h.misc_of(pid)
         if should_reclaim(css):
-            done.merge(self.cgroup_reclaim_pages(css, pid, SGX_NR_TO_SCAN))
+            done.merge((yield from self.cgroup_reclaim_pages.steps(css, pid, SGX_NR_TO_SCAN)))
         if self.should_reclaim_global(SGX_NR_LOW_PAGES):
-            done.merge(self.reclaim_global(pid))
+            done.merge((yield from self.reclaim_global.steps(pid)))
         return done

@@ -1,12 +1,16 @@
 """The SGX EPC subsystem of a kernel carrying the EPC cgroup series (v17): allocation with
-misc charging, enclaves (SGX1 build, SGX2 EDMM), vEPC, and reclamation (reclaim.py).
+misc charging, enclave build and faults, vEPC. Its parts with a job of their own hang
+off it: reclamation (Sgx.reclaim, reclaim.py), bulk loading (Sgx.loader, bulk.py) and
+the EDMM ioctls (Sgx.edmm, edmm.py).
 
-Sgx is the one object the service drives. Every call is synchronous and either completes,
-raises KernelError (the kernel's errno; `count` for the multi-page ioctls), or raises
-Blocked (the kernel would spin waiting for an OOM victim; call again later). Each call
-counts the ENCLS leaves it performed in `encls`, which the service turns into time.
-Signals are the service's: where the kernel checks signal_pending (ERESTARTSYS between
-pages or reclaim rounds), the service simply stops calling and answers EINTR.
+Sgx is the one object the service drives. Long operations are engine operations
+(engine.py): called plainly they run to completion with the synchronous driver;
+`.steps(...)` gives the step sequence the service's driver paces. Every call either
+completes, raises KernelError (the kernel's errno; `count` for the multi-page ioctls),
+or, with the synchronous driver, raises Blocked (the kernel would spin waiting for an
+OOM victim; call again later). The ENCLS leaves performed are counted in `encls`,
+which the service turns into time. Signals are the service's: where the kernel checks
+signal_pending, the service closes the operation between steps.
 
 The caller of every operation is a pid: its cgroup picks the misc css charged for the EPC
 pages it allocates (Hierarchy.misc_of) and, on the synchronous paths, the memcg charged
@@ -20,27 +24,29 @@ from __future__ import annotations
 import contextlib
 import errno
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from enum import Enum
 
 from .bulk import BulkLoader
 from .cgroup import Hierarchy
 from .constants import (
+    ADD_CHUNK,
     PAGE_SIZE,
     SGX_EEXTENDS_PER_PAGE,
     SGX_EPC,
-    SGX_NR_TO_SCAN,
     SGX_VA_SLOT_COUNT,
     SgxPageType,
 )
+from .edmm import Edmm
 from .enclave import Enclave, Vepc
+from .engine import ALONE, WAIT, Steps, operation
+from .engine import run as run_steps
 from .epc import Epc
 from .epc_cgroup import epc_cg, forget_css, lru_empty
-from .errors import Blocked, KernelError, NeedReclaim
-from .invariants import Invariants
+from .errors import Blocked, KernelError
 from .memory import MemCss
 from .misc import MiscCss
-from .reclaim import Batch, Reclaimer
+from .reclaim import Reclaim
 from .runs import Run, RunState
 
 
@@ -56,35 +62,32 @@ class Fault(Enum):
     """Any other failure (ENOMEM: nothing reclaimable): the task gets SIGBUS."""
 
 
-class Sgx(Reclaimer, BulkLoader, Invariants):
+class Sgx:
     """EPC sections on NUMA nodes, the enclaves and vEPCs using them, and their reclaim.
 
     Constructed with the cgroup hierarchy and the EPC sections as (numa_node, bytes);
     it sets misc capacity for sgx_epc to their sum. Pages start dirty: ksgxd's boot pass
-    (sanitize) makes them free. `bulk=False` turns off the fast path of add_pages (the
-    results are identical; tests compare the two).
+    (sanitize) makes them free. `bulk=False` turns off the fast paths of add_pages and
+    of the EDMM ioctls over runs (the results are identical; tests compare the two).
     """
 
     def __init__(self, hierarchy: Hierarchy, sections: list[tuple[int, int]], *,
-                 bulk: bool = True, stepwise_reclaim: bool = False) -> None:
+                 bulk: bool = True) -> None:
         self.h = hierarchy
         self.epc = Epc(sections)
         hierarchy.misc.capacity[SGX_EPC] = self.epc.total_pages * PAGE_SIZE
         hierarchy.misc_release_hooks.append(self._css_freed)
         self.bulk = bulk
-        self.stepwise_reclaim = stepwise_reclaim
-        """The service's mode: the reclaim-allowed paths raise NeedReclaim instead of
-        reclaiming inside the call, so the rounds take time and other tasks run in
-        between (the bulk path then takes only pages that fit without a round)."""
         self.encls: Counter[str] = Counter()
         """Cumulative count of ENCLS (and EACCEPT, EPA) leaves performed, by name."""
         self.enclaves: dict[int, Enclave] = {}
         self.vepcs: dict[int, Vepc] = {}
-        self.batches: list[Batch] = []
-        """Reclaim batches between their steps (isolated or written back, not yet freed)."""
-        self.async_work: dict[MiscCss, None] = {}
-        """Misc csses whose reclaim work item is queued on sgx_cg_wq, in queueing order."""
-        self._ksgxd_wake = False
+        self.reclaim = Reclaim(hierarchy, self.epc, self.encls)
+        """Reclamation: LRUs, batches, ksgxd and the work items (reclaim.py)."""
+        self.loader = BulkLoader(self)
+        """ADD_PAGES in closed form (bulk.py), when `bulk`."""
+        self.edmm = Edmm(self)
+        """The SGX2 EDMM ioctls and EACCEPT (edmm.py)."""
         self._next_id = 1
 
     # -- boot ------------------------------------------------------------------------
@@ -115,39 +118,39 @@ class Sgx(Reclaimer, BulkLoader, Invariants):
 
     def _css_freed(self, css: MiscCss) -> None:
         """A misc css is about to be unlinked (sgx_cgroup_free)."""
-        self.async_work.pop(css, None)
+        self.reclaim.async_work.pop(css, None)
         forget_css(css)
 
     # -- allocation: sgx_alloc_epc_page ----------------------------------------------
 
-    def _alloc(self, css: MiscCss, pid: int, reclaim: bool, pref: list[int]) -> int:
-        """Charge css one page and take a free page; returns its node.
+    def _alloc(self, css: MiscCss, pid: int, reclaim: bool, pref: list[int]) -> Steps[int]:
+        """sgx_alloc_epc_page: charge css one page and take a free page; returns its node.
 
-        KernelError(ENOMEM) when nothing is reclaimable, EBUSY on the no-reclaim path;
-        Blocked when reclaim made no progress because backing charges failed."""
-        self._charge(css, pid, reclaim)
-        while True:
-            nid = self.epc.take_one(pref)
-            if nid is not None:
-                break
-            err = None
-            if not self.can_reclaim_global():
-                err = KernelError(errno.ENOMEM, "no free EPC page and nothing reclaimable")
-            elif not reclaim:
-                err = KernelError(errno.EBUSY, "no free EPC page")
-            elif self.stepwise_reclaim:
-                err = NeedReclaim(self.h.root.misc, pid, SGX_NR_TO_SCAN)
-            else:
-                done = self.reclaim_global(pid)
+        KernelError(ENOMEM) when nothing is reclaimable, EBUSY on the no-reclaim path (a
+        no-reclaim allocation never yields: run it with `run`). With reclaim, a failed
+        charge or an empty free list runs a synchronous round; a round that freed nothing
+        because backing charges failed waits (WAIT) for the OOM victim, as the kernel
+        spins in cond_resched. Whatever way it fails, the charge is given back."""
+        yield from self._charge(css, pid, reclaim)
+        try:
+            while True:
+                nid = self.epc.take_one(pref)
+                if nid is not None:
+                    break
+                if not self.reclaim.can_reclaim_global():
+                    raise KernelError(errno.ENOMEM, "no free EPC page and nothing reclaimable")
+                if not reclaim:
+                    raise KernelError(errno.EBUSY, "no free EPC page")
+                done = yield from self.reclaim.reclaim_global.steps(pid)
                 if not done.freed and done.failed:
-                    err = Blocked()
-            if err is not None:
-                self.h.misc_uncharge(SGX_EPC, css, PAGE_SIZE)
-                raise err
-        self._maybe_wake_ksgxd()
+                    yield WAIT
+        except BaseException:  # KernelError, Blocked, or the caller went away
+            self.h.misc_uncharge(SGX_EPC, css, PAGE_SIZE)
+            raise
+        self.reclaim.maybe_wake_ksgxd()
         return nid
 
-    def _charge(self, css: MiscCss, pid: int, reclaim: bool) -> None:
+    def _charge(self, css: MiscCss, pid: int, reclaim: bool) -> Steps[None]:
         """sgx_cgroup_try_charge: retry with synchronous reclaim of css's subtree."""
         while True:
             try:
@@ -158,13 +161,11 @@ class Sgx(Reclaimer, BulkLoader, Invariants):
             if lru_empty(css):
                 raise KernelError(errno.ENOMEM, f"nothing reclaimable under {css.cgroup.path}")
             if not reclaim:
-                self.queue_work(css)
+                self.reclaim.queue_work(css)
                 raise KernelError(errno.EBUSY, f"{css.cgroup.path} at its EPC limit")
-            if self.stepwise_reclaim:
-                raise NeedReclaim(css, pid, 1)
-            done = self.cgroup_reclaim_pages(css, pid, 1)
+            done = yield from self.reclaim.cgroup_reclaim_pages.steps(css, pid, 1)
             if not done.freed and done.failed:
-                raise Blocked()
+                yield WAIT
 
     @contextlib.contextmanager
     def _given_back_on_failure(self, nid: int, css: MiscCss) -> Iterator[None]:
@@ -174,34 +175,33 @@ class Sgx(Reclaimer, BulkLoader, Invariants):
         try:
             yield
         except KernelError:
-            self._free_epc(nid, css, 1, eremove=True)
+            self.reclaim.free_epc(nid, css, 1, eremove=True)
             raise
-        except Blocked:
-            self._free_epc(nid, css, 1, eremove=False)
+        except (Blocked, GeneratorExit):
+            self.reclaim.free_epc(nid, css, 1, eremove=False)
             raise
 
     def _add_va(self, encl: Enclave, nid: int, css: MiscCss) -> None:
         self.encls["EPA"] += 1
-        encl.va[(nid, css)] += 1
-        encl.va_pages += 1
+        encl.va_added(nid, css)
 
     def _grow(self, encl: Enclave, css: MiscCss, pid: int, reclaim: bool,
-              pref: list[int]) -> None:
+              pref: list[int]) -> Steps[None]:
         """sgx_encl_grow: a new VA page when page_cnt is a multiple of 512, then page_cnt+1."""
         if encl.page_cnt % SGX_VA_SLOT_COUNT == 0:
-            self._add_va(encl, self._alloc(css, pid, reclaim, pref), css)
-        encl.page_cnt += 1
+            self._add_va(encl, (yield from self._alloc(css, pid, reclaim, pref)), css)
+        encl.grown()
 
-    def _insert_resident(self, encl: Enclave, run: Run) -> None:
+    def insert_resident(self, encl: Enclave, run: Run) -> None:
         """A new child page is in EPC: into the page map, onto the LRU tail."""
         encl.pages.insert(run)
-        encl.nr_pages += len(run)
-        encl.secs_child_cnt += len(run)
-        self._lru_append(run)
+        encl.children_added(len(run))
+        self.reclaim.lru_append(run)
 
     # -- enclave build -----------------------------------------------------------------
 
-    def create(self, pid: int, size_bytes: int, node: int | None = None) -> Enclave:
+    @operation
+    def create(self, pid: int, size_bytes: int, node: int | None = None) -> Steps[Enclave]:
         """SGX_IOC_ENCLAVE_CREATE: the first VA page, then the SECS (ECREATE).
 
         EINVAL unless the size is a power of two of at least a page."""
@@ -209,20 +209,21 @@ class Sgx(Reclaimer, BulkLoader, Invariants):
             raise KernelError(errno.EINVAL, f"enclave size {size_bytes} is not a power of two")
         css = self.h.misc_of(pid)
         pref = self.epc.preference(node)
+        # The id is taken before the first step: creates that reclaim interleave.
         encl = Enclave(self._next_id, pid, size_bytes // PAGE_SIZE)
-        self._grow(encl, css, pid, True, pref)
+        self._next_id += 1
+        yield from self._grow(encl, css, pid, True, pref)
         ((va_node, _),) = encl.va
         with self._given_back_on_failure(va_node, css):
-            encl.secs_node = self._alloc(css, pid, True, pref)
-        encl.secs_css = css
+            encl.secs_loaded((yield from self._alloc(css, pid, True, pref)), css)
         self.encls["ECREATE"] += 1
-        self._next_id += 1
         self.enclaves[encl.id] = encl
         return encl
 
+    @operation
     def add_pages(self, encl: Enclave, pid: int, offset_pages: int, count: int,
                   measured: bool, page_type: SgxPageType = SgxPageType.REG,
-                  node: int | None = None) -> int:
+                  node: int | None = None) -> Steps[int]:
         """SGX_IOC_ENCLAVE_ADD_PAGES for `count` pages from `offset_pages`, in order.
 
         Per page: the EPC page (reclaim allowed), then a VA page when due, EADD, 16
@@ -233,9 +234,12 @@ class Sgx(Reclaimer, BulkLoader, Invariants):
         gives the pages back), ENOMEM. Blocked likewise carries `count`.
 
         Where nothing but steady reclaim happens the pages go in bulk (bulk.py), so a
-        call costs O(runs touched), not O(pages); the service should still call it in
-        chunks so other tasks get to run in between.
+        call costs O(runs touched), not O(pages). A step adds at most ADD_CHUNK pages, or
+        one page with the reclaim rounds its charge needed (each batch a step of its
+        own); only a driver running the call ALONE lets bulk take a whole stretch, its
+        try_charge rounds folded in, as one step.
         """
+        alone = (yield) is ALONE
         self._check_live(encl)
         if encl.initialized or count < 1 or offset_pages < 0 or \
                 offset_pages + count > encl.size_pages:
@@ -252,31 +256,31 @@ class Sgx(Reclaimer, BulkLoader, Invariants):
                 raise KernelError(errno.EBUSY, f"page {i} already added", count=done)
             if self.bulk:
                 room = count - done if nxt is None else min(count - done, nxt - i)
-                n = self._bulk_add(encl, pid, css, i, room, measured, page_type, pref)
+                n = self.loader.add(encl, pid, css, i, room if alone else min(room, ADD_CHUNK),
+                                    measured, page_type, pref, rounds=alone)
                 if n:
                     done += n
+                    yield
                     continue
             try:
-                self._add_one(encl, pid, css, i, measured, page_type, pref)
-            except KernelError as e:
-                e.count = done
-                raise
-            except Blocked as e:
+                yield from self._add_one(encl, pid, css, i, measured, page_type, pref)
+            except (KernelError, Blocked) as e:
                 e.count = done
                 raise
             done += 1
+            yield
         return done
 
     def _add_one(self, encl: Enclave, pid: int, css: MiscCss, i: int, measured: bool,
-                 page_type: SgxPageType, pref: list[int]) -> None:
+                 page_type: SgxPageType, pref: list[int]) -> Steps[None]:
         """sgx_encl_add_page: EPC page first, then grow (maybe a VA page), then EADD."""
-        nid = self._alloc(css, pid, True, pref)
+        nid = yield from self._alloc(css, pid, True, pref)
         with self._given_back_on_failure(nid, css):
-            self._grow(encl, css, pid, True, pref)
+            yield from self._grow(encl, css, pid, True, pref)
         self.encls["EADD"] += 1
         if measured:
             self.encls["EEXTEND"] += SGX_EEXTENDS_PER_PAGE
-        self._insert_resident(encl, Run(i, i + 1, RunState.LRU, encl, node=nid, css=css,
+        self.insert_resident(encl, Run(i, i + 1, RunState.LRU, encl, node=nid, css=css,
                                         ptype=page_type))
 
     def init(self, encl: Enclave) -> None:
@@ -328,13 +332,37 @@ class Sgx(Reclaimer, BulkLoader, Invariants):
             pages.merge_at(k)
         return Fault.OK
 
+    def touch_resident(self, encl: Enclave, first: int, count: int) -> int:
+        """Accesses to the pages from `first` on that are resident, as many in a row as
+        there are (at most `count`): each is mapped and its accessed bit set, exactly as
+        fault() does for one resident page, but a run at a time. Returns how many; the
+        page after them (evicted, absent or outside) needs fault()."""
+        if encl.released or first < 0:
+            return 0
+        pages = encl.pages
+        end = min(first + count, encl.size_pages)
+        pos = first
+        for run in pages.overlapping(first, end):
+            if run.start > pos or run.state is RunState.EVICTED:
+                break
+            pos = min(run.end, end)
+        if pos == first:
+            return 0
+        for run in pages.isolate(first, pos):
+            run.young = True
+        for run in pages.overlapping(first, pos):
+            k = pages.find(run.start)
+            if k >= 0:
+                pages.merge_at(k)
+        return pos - first
+
     def _eldu(self, encl: Enclave, pid: int, i: int, pref: list[int], young: bool) -> None:
         """sgx_encl_load_page for an evicted child: SECS first if needed, then ELDU the
         page on the no-reclaim path; it goes back on the LRU tail. If the child's page
         cannot be had, the SECS stays loaded, as in the kernel."""
         css = self.h.misc_of(pid)
         self._load_secs(encl, css, pid, pref)
-        nid = self._alloc(css, pid, False, pref)
+        nid = run_steps(self._alloc(css, pid, False, pref))
         self.encls["ELDU"] += 1
         pages = encl.pages
         pages.cut(i)
@@ -342,25 +370,23 @@ class Sgx(Reclaimer, BulkLoader, Invariants):
         run = pages.get(i)
         self._leave_backing(encl, i, run.memcg)
         run.memcg = None
-        encl.nr_evicted -= 1
-        encl.secs_child_cnt += 1
+        encl.child_loaded()
         run.node, run.css, run.young = nid, css, young
-        self._lru_append(run)
+        self.reclaim.lru_append(run)
 
     def _load_secs(self, encl: Enclave, css: MiscCss, pid: int, pref: list[int]) -> None:
         """sgx_encl_load_secs: ELDU the SECS (no reclaim) if it was written back."""
         if encl.secs_css is not None:
             return
-        nid = self._alloc(css, pid, False, pref)
+        nid = run_steps(self._alloc(css, pid, False, pref))
         self.encls["ELDU"] += 1
-        encl.secs_node, encl.secs_css = nid, css
         self._leave_backing(encl, encl.secs_index, encl.secs_memcg)
-        encl.secs_memcg = None
+        encl.secs_loaded(nid, css)
 
     def _leave_backing(self, encl: Enclave, i: int, memcg: MemCss) -> None:
         """Index i was loaded back: free its contents page and its VA slot, and its PCMD
         page if that now serves nothing (__sgx_encl_eldu's truncations)."""
-        encl.va_used -= 1
+        encl.slot_freed()
         self.h.mem.memory_uncharge(memcg, 1, encl.owner)
         for mc, n in encl.pcmd_drop(encl.pcmd_emptied(i, i + 1)):
             self.h.mem.memory_uncharge(mc, n, encl.owner)
@@ -377,169 +403,18 @@ class Sgx(Reclaimer, BulkLoader, Invariants):
         pref = self.epc.preference(node)
         try:
             self._load_secs(encl, css, pid, pref)
-            nid = self._alloc(css, pid, False, pref)
+            nid = run_steps(self._alloc(css, pid, False, pref))
             try:
-                self._grow(encl, css, pid, False, pref)
+                run_steps(self._grow(encl, css, pid, False, pref))
             except KernelError:
-                self._free_epc(nid, css, 1, eremove=True)
+                self.reclaim.free_epc(nid, css, 1, eremove=True)
                 raise
         except KernelError as e:
             return Fault.RETRY if e.errno == errno.EBUSY else Fault.SIGBUS
         self.encls["EAUG"] += 1
-        self._insert_resident(encl, Run(page_index, page_index + 1, RunState.LRU, encl,
+        self.insert_resident(encl, Run(page_index, page_index + 1, RunState.LRU, encl,
                                         node=nid, css=css, young=True))
         return Fault.OK
-
-    # -- SGX2: EDMM ioctls ---------------------------------------------------------------
-
-    def check_edmm(self, encl: Enclave, first: int, count: int) -> None:
-        """sgx_ioc_sgx2_ready + sgx_validate_offset_length. The simulated CPU has SGX2
-        (no ENODEV); the ioctls' own argument checks (reserved bits, result/count fields
-        non-zero, permission combinations) are the enclave server's, before calling."""
-        self._check_live(encl)
-        if not encl.initialized:
-            raise KernelError(errno.EINVAL, "enclave not initialized")
-        if count < 1 or first < 0 or first + count > encl.size_pages:
-            raise KernelError(errno.EINVAL, "range outside the enclave")
-
-    def _edmm_each(self, encl: Enclave, pid: int, first: int, count: int,
-                   node: int | None, direct_reclaim: bool,
-                   page: Callable[[int, Run], None]) -> int:
-        """The loop of every EDMM ioctl: check the range, then per page direct reclaim,
-        sgx_encl_load_page (ELDU on the no-reclaim path; EBUSY becomes EAGAIN, any other
-        failure EFAULT) and `page(i, run)`. A failure carries the pages done as `count`,
-        which the ioctls report back; success returns `count`."""
-        self.check_edmm(encl, first, count)
-        pref = self.epc.preference(node)
-        for c in range(count):
-            i = first + c
-            try:
-                if direct_reclaim:
-                    self.reclaim_direct(pid)
-                run = encl.pages.get(i)
-                if run is None:
-                    raise KernelError(errno.EFAULT, f"no page {i}")
-                if run.state is RunState.EVICTED:
-                    try:
-                        self._eldu(encl, pid, i, pref, young=False)
-                    except KernelError as e:
-                        err = errno.EAGAIN if e.errno == errno.EBUSY else errno.EFAULT
-                        raise KernelError(err, f"cannot load page {i}: {e.why}") from e
-                    run = encl.pages.get(i)
-                page(i, run)
-            except KernelError as e:
-                e.count = c
-                raise
-        return count
-
-    def _set_page(self, encl: Enclave, i: int, **attrs) -> None:
-        pages = encl.pages
-        pages.cut(i)
-        pages.cut(i + 1)
-        k = pages.find(i)
-        for name, value in attrs.items():
-            setattr(pages.runs[k], name, value)
-        pages.merge_at(k)
-
-    def restrict_permissions(self, encl: Enclave, pid: int, first: int, count: int,
-                             node: int | None = None, *, direct_reclaim: bool = True) -> int:
-        """SGX_IOC_ENCLAVE_RESTRICT_PERMISSIONS: EMODPR + ETRACK per page. EINVAL on a
-        non-REG page (TCS permissions cannot be restricted). Returns pages done; errors
-        carry `count`. Permission bits themselves are the enclave server's business.
-
-        Like every EDMM ioctl it runs sgx_reclaim_direct before each page; a caller that
-        runs reclaim_direct(pid) itself as a separate step passes direct_reclaim=False."""
-
-        def page(i: int, run: Run) -> None:
-            if run.ptype != SgxPageType.REG:
-                raise KernelError(errno.EINVAL, f"page {i} is {run.ptype.name}")
-            self.encls["EMODPR"] += 1
-            self.encls["ETRACK"] += 1
-
-        return self._edmm_each(encl, pid, first, count, node, direct_reclaim, page)
-
-    def modify_types(self, encl: Enclave, pid: int, first: int, count: int,
-                     page_type: SgxPageType, node: int | None = None, *,
-                     direct_reclaim: bool = True) -> int:
-        """SGX_IOC_ENCLAVE_MODIFY_TYPES to TCS or TRIM: EMODT + ETRACK per page.
-
-        REG → TCS or TRIM, TCS → TRIM; anything else EINVAL. REG → TCS unmarks the page
-        while its PTEs are zapped and marks it again (it moves to the LRU tail); a page
-        the reclaimer holds cannot be unmarked: EAGAIN. The model keeps no page
-        permissions, so the kernel's EPERM for REG → TCS on a page added without RW is
-        the enclave server's to give."""
-        if page_type not in (SgxPageType.TCS, SgxPageType.TRIM):
-            self._check_live(encl)
-            raise KernelError(errno.EINVAL, f"cannot change pages to {page_type!r}")
-
-        def page(i: int, run: Run) -> None:
-            if not (run.ptype == SgxPageType.REG or
-                    (run.ptype == SgxPageType.TCS and page_type == SgxPageType.TRIM)):
-                raise KernelError(errno.EINVAL, f"page {i} is {run.ptype.name}")
-            if run.ptype == SgxPageType.REG and page_type == SgxPageType.TCS:
-                if run.state is not RunState.LRU:
-                    raise KernelError(errno.EAGAIN, f"page {i} is being reclaimed")
-                self._requeue(encl, i)
-            self.encls["EMODT"] += 1
-            self.encls["ETRACK"] += 1
-            self._set_page(encl, i, ptype=page_type, accepted=False)
-
-        return self._edmm_each(encl, pid, first, count, node, direct_reclaim, page)
-
-    def _requeue(self, encl: Enclave, i: int) -> None:
-        """Unmark then mark page i reclaimable again: it moves to its LRU's tail."""
-        pages = encl.pages
-        pages.cut(i)
-        pages.cut(i + 1)
-        run = pages.get(i)
-        self._lru_unlink(run)
-        self._lru_append(run)
-
-    def accept(self, encl: Enclave, first: int, count: int) -> int:
-        """EACCEPT from inside the enclave (ENCLU, no syscall): acknowledges TRIMmed pages
-        so REMOVE_PAGES may remove them. The service faults a page in before accepting
-        it, as the enclave's access would. Returns the pages present in the range."""
-        self._check_live(encl)
-        pages = encl.pages
-        present = 0
-        for run in pages.isolate(first, first + count):
-            present += len(run)
-            if run.ptype == SgxPageType.TRIM:
-                run.accepted = True
-        for run in pages.overlapping(first, first + count):
-            k = pages.find(run.start)
-            if k >= 0:
-                pages.merge_at(k)
-        self.encls["EACCEPT"] += present
-        return present
-
-    def remove_pages(self, encl: Enclave, pid: int, first: int, count: int,
-                     node: int | None = None, *, direct_reclaim: bool = True) -> int:
-        """SGX_IOC_ENCLAVE_REMOVE_PAGES: only TRIM pages the enclave has EACCEPTed
-        (else EPERM: the kernel's EMODPR probe tells); a page the reclaimer holds gives
-        EBUSY. Each page is EREMOVEd and freed; VA pages stay (page_cnt shrinks)."""
-
-        def page(i: int, run: Run) -> None:
-            if run.ptype != SgxPageType.TRIM:
-                raise KernelError(errno.EPERM, f"page {i} is not trimmed")
-            self.encls["EMODPR"] += 1
-            if not run.accepted:
-                raise KernelError(errno.EPERM, f"page {i} not accepted")
-            if run.state is not RunState.LRU:
-                raise KernelError(errno.EBUSY, f"page {i} is being reclaimed")
-            pages = encl.pages
-            pages.cut(i)
-            pages.cut(i + 1)
-            k = pages.find(i)
-            run = pages.runs[k]
-            self._lru_unlink(run)
-            pages.pop(k)
-            self._free_epc(run.node, run.css, 1, eremove=True)
-            encl.secs_child_cnt -= 1
-            encl.nr_pages -= 1
-            encl.page_cnt -= 1
-
-        return self._edmm_each(encl, pid, first, count, node, direct_reclaim, page)
 
     # -- release -------------------------------------------------------------------------
 
@@ -559,7 +434,7 @@ class Sgx(Reclaimer, BulkLoader, Invariants):
         uncharge: Counter[tuple[int, MiscCss]] = Counter()
         for run in encl.pages:
             if run.state is RunState.LRU:
-                self._lru_unlink(run)
+                self.reclaim.lru_unlink(run)
                 uncharge[(run.node, run.css)] += len(run)
             elif run.state is RunState.ISOLATED:
                 run.state = RunState.ORPHAN
@@ -573,14 +448,8 @@ class Sgx(Reclaimer, BulkLoader, Invariants):
             self.h.mem.memory_uncharge(encl.secs_memcg, 1, encl.owner)
         uncharge.update(encl.va)
         for (nid, css), n in uncharge.items():
-            self._free_epc(nid, css, n, eremove=True)
-        encl.released = True
-        encl.pages = type(encl.pages)()
-        encl.pcmd = type(encl.pcmd)()
-        encl.va.clear()
-        encl.secs_css = encl.secs_memcg = None
-        encl.nr_pages = encl.nr_evicted = encl.secs_child_cnt = encl.nr_pcmd = 0
-        encl.va_pages = encl.va_used = 0
+            self.reclaim.free_epc(nid, css, n, eremove=True)
+        encl.emptied()
         del self.enclaves[encl.id]
 
     # -- vEPC ---------------------------------------------------------------------------
@@ -602,13 +471,10 @@ class Sgx(Reclaimer, BulkLoader, Invariants):
             return Fault.OK
         css = self.h.misc_of(pid)
         try:
-            nid = self._alloc(css, pid, False, self.epc.preference(node))
+            nid = run_steps(self._alloc(css, pid, False, self.epc.preference(node)))
         except KernelError as e:
             return Fault.RETRY if e.errno == errno.EBUSY else Fault.SIGBUS
-        k = vepc.pages.insert(Run(page_index, page_index + 1, RunState.VEPC, None,
-                                  node=nid, css=css))
-        vepc.pages.merge_at(k)
-        vepc.nr_pages += 1
+        vepc.page_added(Run(page_index, page_index + 1, RunState.VEPC, None, node=nid, css=css))
         return Fault.OK
 
     def release_vepc(self, vepc: Vepc) -> None:
@@ -616,10 +482,8 @@ class Sgx(Reclaimer, BulkLoader, Invariants):
         if vepc.released:
             return
         for run in vepc.pages:
-            self._free_epc(run.node, run.css, len(run), eremove=True)
-        vepc.pages = type(vepc.pages)()
-        vepc.nr_pages = 0
-        vepc.released = True
+            self.reclaim.free_epc(run.node, run.css, len(run), eremove=True)
+        vepc.emptied()
         del self.vepcs[vepc.id]
 
     # -- queries for the service and the fs ---------------------------------------------

@@ -373,7 +373,7 @@ def _build_and_serve(cfg: MountConfig, ready, listening) -> int:
         hierarchy.write_subtree_control(
             hierarchy.root, " ".join("+" + name for name in cfg.root_controllers.split()))
     sections = cfg.sections or [(0, cfg.capacity)]
-    sgx = Sgx(hierarchy, sections, stepwise_reclaim=True)
+    sgx = Sgx(hierarchy, sections)
     # The machine booted long before anyone could look: ksgxd's EREMOVE pass over every
     # EPC page is done before the mount answers (its time is not spent; a selftest run
     # right after mounting must not meet a half-sanitized EPC and fail with ENOMEM).
@@ -393,7 +393,7 @@ def _build_and_serve(cfg: MountConfig, ready, listening) -> int:
     fs.sized_files = cfg.file_size == "content"
     steps = Stepper(sgx, tracker, cfg.time_scale)
     reclaimers = Reclaimers(sgx, steps)
-    server = EnclaveServer(sgx, tracker, sections, steps, reclaimers)
+    server = EnclaveServer(sgx, tracker, sections, steps)
     with pidfile(cfg.pidfile):
         return _serve(cfg, ready, fs, tracker, reclaimers, server, listening)
 

@@ -12,7 +12,6 @@ ioctl returns at the next signal check.
 from __future__ import annotations
 
 import errno
-import functools
 import logging
 import os
 import socket
@@ -22,23 +21,29 @@ from collections.abc import Awaitable, Callable
 import trio
 
 from ..host.tracker import ProcessTracker
-from ..model.constants import PAGE_SIZE, SGX_NR_LOW_PAGES, SGX_NR_TO_SCAN, SgxPageType
+from ..model.constants import PAGE_SIZE, SgxPageType
 from ..model.enclave import Enclave, Vepc
-from ..model.errors import Blocked, KernelError, NeedReclaim
+from ..model.engine import Steps
+from ..model.errors import KernelError
 from ..model.sgx import Fault, Sgx
 from ..protocol import MAX_MESSAGE, Malformed, check, decode, encode
 from .complaints import Complaints
-from .reclaimers import Reclaimers
 from .steps import Stepper
 
 log = logging.getLogger(__name__)
 
-ADD_CHUNK = 512
-"""Pages per model call of a long ADD_PAGES: bounds how long one call holds the loop."""
-
 RETRY_TICK = 0.001
-"""Seconds before a faulting access or a blocked allocation tries again: the kernel
-retries at once (NOPAGE, cond_resched); the tick lets the reclaimers run meanwhile."""
+"""Seconds before a faulting access the handler answered RETRY (EBUSY on the no-reclaim
+path) tries again: the kernel's task refaults at once; the tick lets the async work item
+the failure queued run meanwhile."""
+
+RETRY_MAX = 0.25
+"""Longest wait between two tries of a fault that keeps getting RETRY. The kernel's task
+refaults for as long as nothing changes (e.g. the EPC is full, its one reclaimable page
+is in a cgroup without a limit, so no work item reclaims, and nothing woke ksgxd): the
+request stays pending until another task frees or reclaims a page, or the caller dies.
+The wait doubles from RETRY_TICK up to this, so a pending fault costs a few model calls
+a second, not a spinning daemon, and still sees a change within a quarter second."""
 
 
 class Gone(Exception):
@@ -74,12 +79,11 @@ class EnclaveServer:
     """Accepts connections on a unix socket and serves each in its own task."""
 
     def __init__(self, sgx: Sgx, tracker: ProcessTracker, sections: list[tuple[int, int]],
-                 steps: Stepper, reclaimers: Reclaimers) -> None:
+                 steps: Stepper) -> None:
         self.sgx = sgx
         self.tracker = tracker
         self.sections = sections
         self.steps = steps
-        self.reclaimers = reclaimers
         self.complaints = Complaints(log)
 
     async def serve(self, listening: socket.socket, *,
@@ -146,45 +150,43 @@ class EnclaveServer:
         self.tracker.cgroup_of(conn.pid)
         return await self.steps.run(fn, *args)
 
-    async def until_done(self, conn: Connection, fn: Callable, *args):
-        """A step the kernel would retry inside the call until it goes through."""
-        while True:
-            try:
-                return await self.step(conn, fn, *args)
-            except Blocked as e:
-                await self.unblock(conn, e)
+    async def operation(self, conn: Connection, name: str, steps: Steps):
+        """An engine operation (an ioctl with its allocations and the reclaim they need)
+        on behalf of `conn`'s process, driven to its end; abandoned (cleaned up as at a
+        signal check) once the process is gone. Its cgroup is looked up afresh before
+        each step, as each allocation charges `current`'s."""
 
-    async def unblock(self, conn: Connection, blocked: Blocked) -> None:
-        """What the kernel does before trying again: a synchronous reclaim round in the
-        caller's context (NeedReclaim), or, when that freed nothing because backing
-        charges failed (an OOM victim is on its way out), a pause."""
-        if isinstance(blocked, NeedReclaim):
+        def alive() -> None:
             conn.check_alive()
-            done = await self.reclaimers.round(blocked.root, blocked.nr_to_scan,
-                                               blocked.charge_pid)
-            if done.freed or not done.failed:
-                return
-        await trio.sleep(RETRY_TICK)
+            self.tracker.cgroup_of(conn.pid)
 
-    async def reclaim_direct(self, conn: Connection) -> None:
-        """sgx_reclaim_direct before each page of an EDMM ioctl, as timed rounds (the
-        model's reclaim_direct does it in one call, where no other task would see the
-        batches in flight): the caller's cgroup if near its limit, then globally if free
-        pages run low."""
-        conn.check_alive()
-        css = self.sgx.h.misc_of(conn.pid)
-        if self.sgx.should_reclaim(css):
-            await self.reclaimers.round(css, SGX_NR_TO_SCAN, conn.pid)
-        if self.sgx.should_reclaim_global(SGX_NR_LOW_PAGES):
-            await self.reclaimers.round(self.sgx.h.root.misc, SGX_NR_TO_SCAN, conn.pid)
+        return await self.steps.drive(name, steps, css=self.sgx.h.misc_of(conn.pid),
+                                      alive=alive)
+
+    async def touch_in(self, conn: Connection, encl: Enclave, first: int,
+                       count: int) -> dict | None:
+        """The enclave accesses `count` pages from `first`: runs of resident pages take
+        one step each, every other page goes through the fault handler. Returns a SIGBUS
+        reply if the kernel would have sent one."""
+        i, end = first, first + count
+        while i < end:
+            i += await self.step(conn, self.sgx.touch_resident, encl, i, end - i)
+            if i < end:
+                if bus := await self.fault_in(conn, self.sgx.fault, encl, i, 1):
+                    return bus
+                i += 1
+        return None
 
     async def fault_in(self, conn: Connection, fn: Callable, encl, first: int,
                        count: int) -> dict | None:
-        """Accesses to `count` pages: each retried while the fault handler says RETRY.
-        Returns a SIGBUS reply if the kernel would have sent one."""
+        """Accesses to `count` pages: each retried while the fault handler says RETRY,
+        backing off from RETRY_TICK to RETRY_MAX. Returns a SIGBUS reply if the kernel
+        would have sent one."""
         for i in range(first, first + count):
+            wait = RETRY_TICK
             while (outcome := await self.step(conn, fn, encl, conn.pid, i)) is Fault.RETRY:
-                await trio.sleep(RETRY_TICK)
+                await trio.sleep(wait)
+                wait = min(2 * wait, RETRY_MAX)
             if outcome is Fault.SIGBUS:
                 return {"signal": "SIGBUS"}
         return None
@@ -204,7 +206,8 @@ async def _info(srv: EnclaveServer, conn: Connection, req: dict) -> dict:
 async def _create(srv: EnclaveServer, conn: Connection, req: dict) -> dict:
     if conn.enclave is not None:
         raise KernelError(errno.EINVAL, "enclave already created")
-    conn.enclave = await srv.until_done(conn, srv.sgx.create, conn.pid, int(req["size"]))
+    conn.enclave = await srv.operation(conn, "create",
+                                       srv.sgx.create.steps(conn.pid, int(req["size"])))
     return {"ok": True}
 
 
@@ -212,17 +215,8 @@ async def _add(srv: EnclaveServer, conn: Connection, req: dict) -> dict:
     encl = _enclave(conn)
     offset, count = int(req["offset"]), int(req["count"])
     ptype = SgxPageType.TCS if req["tcs"] else SgxPageType.REG
-    done = 0
-    while done < count:
-        n = min(ADD_CHUNK, count - done)
-        try:
-            done += await srv.step(conn, srv.sgx.add_pages, encl, conn.pid, offset + done, n,
-                                   bool(req["measured"]), ptype)
-        except KernelError as e:
-            return {"errno": e.errno, "count": done + e.count}
-        except Blocked as e:
-            done += e.count
-            await srv.unblock(conn, e)
+    done = await srv.operation(conn, "add_pages", srv.sgx.add_pages.steps(
+        encl, conn.pid, offset, count, bool(req["measured"]), ptype))
     return {"ok": True, "count": done}
 
 
@@ -233,8 +227,8 @@ async def _init(srv: EnclaveServer, conn: Connection, req: dict) -> dict:
 
 async def _touch(srv: EnclaveServer, conn: Connection, req: dict) -> dict:
     encl = _enclave(conn)
-    return await srv.fault_in(conn, srv.sgx.fault, encl, int(req["offset"]),
-                              int(req["count"])) or {"ok": True}
+    return await srv.touch_in(conn, encl, int(req["offset"]), int(req["count"])) or {
+        "ok": True}
 
 
 async def _augment(srv: EnclaveServer, conn: Connection, req: dict) -> dict:
@@ -244,38 +238,29 @@ async def _augment(srv: EnclaveServer, conn: Connection, req: dict) -> dict:
 
 
 def _edmm(method: str, *extra: str) -> Handler:
-    """An EDMM ioctl, page by page so other tasks run between pages; before each page
-    the series' direct reclaim, run here as timed rounds."""
+    """An EDMM ioctl: the model's operation (direct reclaim, then the page, a step each),
+    driven page by page so other tasks run in between. A failure's reply carries the
+    pages done (dispatch)."""
 
     async def handler(srv: EnclaveServer, conn: Connection, req: dict) -> dict:
         encl = _enclave(conn)
         first, count = int(req["offset"]), int(req["count"])
         args = [SgxPageType(int(req[name])) for name in extra]
-        srv.sgx.check_edmm(encl, first, count)
-        operation = functools.partial(getattr(srv.sgx, method), direct_reclaim=False)
-        for c in range(count):
-            await srv.reclaim_direct(conn)
-            try:
-                await srv.until_done(conn, operation, encl, conn.pid, first + c, 1, *args)
-            except KernelError as e:
-                return {"errno": e.errno, "count": c}
-        return {"ok": True, "count": count}
+        done = await srv.operation(conn, method, getattr(srv.sgx.edmm, method).steps(
+            encl, conn.pid, first, count, *args))
+        return {"ok": True, "count": done}
 
     return handler
 
 
 async def _accept(srv: EnclaveServer, conn: Connection, req: dict) -> dict:
-    """EACCEPT runs inside the enclave: each page is accessed (faulted in) first."""
+    """EACCEPT runs inside the enclave: the pages are accessed (faulted in) first, then
+    accepted, a run at a time."""
     encl = _enclave(conn)
     first, count = int(req["offset"]), int(req["count"])
-    for c in range(count):
-        bus = await srv.fault_in(conn, srv.sgx.fault, encl, first + c, 1)
-        if bus:
-            return bus
-        try:
-            await srv.step(conn, srv.sgx.accept, encl, first + c, 1)
-        except KernelError as e:
-            return {"errno": e.errno, "count": c}
+    if bus := await srv.touch_in(conn, encl, first, count):
+        return bus
+    await srv.step(conn, srv.sgx.edmm.accept, encl, first, count)
     return {"ok": True, "count": count}
 
 

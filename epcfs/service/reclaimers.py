@@ -1,18 +1,17 @@
 """The reclaimers as trio tasks: ksgxd and the per-cgroup async work items.
 
-The model decides what to reclaim; these tasks decide when, and run each batch as its
-three steps (isolate → write back → free) with their cost in time between them, so
-enclave operations, releases and file reads interleave with reclaim as on a real
-machine, where ksgxd and the sgx_cg_wq workers run on other CPUs.
+The model's engine has their loops (Sgx.reclaim.ksgxd and Sgx.reclaim.work_item);
+these tasks decide when to run them and drive them through the Stepper, each batch's
+steps (isolate → write back → free) with their cost in time between them, so enclave
+operations, releases and file reads interleave with reclaim as on a real machine,
+where ksgxd and the sgx_cg_wq workers run on other CPUs.
 """
 
 from __future__ import annotations
 
 import trio
 
-from ..model.constants import SGX_NR_TO_SCAN
 from ..model.misc import MiscCss
-from ..model.reclaim import Round
 from ..model.sgx import Sgx
 from .steps import Stepper
 
@@ -32,9 +31,9 @@ class Reclaimers:
     def kick(self) -> None:
         """After any model step: wake ksgxd if an allocation asked for it (the
         wake_up(&ksgxd_waitq) below SGX_NR_LOW_PAGES), and start queued work items."""
-        if self.sgx.take_ksgxd_wakeup():
+        if self.sgx.reclaim.take_ksgxd_wakeup():
             self.ksgxd_wake.set()
-        if any(css not in self.running for css in self.sgx.async_work):
+        if any(css not in self.running for css in self.sgx.reclaim.async_work):
             self.work_wake.set()
 
     async def run(self) -> None:
@@ -43,7 +42,7 @@ class Reclaimers:
             while True:
                 await self.work_wake.wait()
                 self.work_wake = trio.Event()
-                for css in list(self.sgx.async_work):
+                for css in list(self.sgx.reclaim.async_work):
                     if css not in self.running:
                         self.running.add(css)
                         nursery.start_soon(self.work_item, css)
@@ -56,27 +55,12 @@ class Reclaimers:
         while True:
             await self.ksgxd_wake.wait()
             self.ksgxd_wake = trio.Event()
-            while self.sgx.should_wake_ksgxd():
-                await self.round(self.sgx.h.root.misc, SGX_NR_TO_SCAN)
+            await self.steps.drive("ksgxd", self.sgx.reclaim.ksgxd.steps(),
+                                   css=self.sgx.h.root.misc)
 
     async def work_item(self, css: MiscCss) -> None:
         """sgx_cgroup_reclaim_work_func: rounds while the cgroup is near its limit."""
         try:
-            while self.sgx.work_pending(css):
-                await self.round(css, SGX_NR_TO_SCAN)
+            await self.steps.drive("work_item", self.sgx.reclaim.work_item.steps(css), css=css)
         finally:
             self.running.discard(css)
-
-    async def round(self, root: MiscCss, nr_to_scan: int, charge_pid: int | None = None,
-                    ) -> Round:
-        """sgx_cgroup_reclaim_pages: batches over root's subtree in the fairness
-        iterator's order until nr_to_scan pages were scanned. `charge_pid` is the task
-        reclaiming synchronously (its memcg pays for the backing store); None for ksgxd
-        and the work items."""
-        done = Round()
-        while done.scanned < nr_to_scan and not self.sgx.lru_empty(root):
-            batch = await self.steps.run(self.sgx.isolate, self.sgx.next_cg(root), charge_pid)
-            await self.steps.run(self.sgx.writeback, batch)
-            await self.steps.run(self.sgx.free_batch, batch)
-            done.add(batch)
-        return done

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from epcfs.model import Cgroup, Hierarchy, Sgx
+from epcfs.model import Cgroup, Fault, Hierarchy, Sgx
 from epcfs.model.constants import PAGE_SIZE, SGX_EPC
 
 MiB = 1 << 20
@@ -47,3 +47,24 @@ def usage_pages(cg: Cgroup) -> int:
 def encl_size(pages: int) -> int:
     """The test_sgx sizing rule: the smallest power of two holding `pages` pages."""
     return max(PAGE_SIZE, 1 << (pages * PAGE_SIZE - 1).bit_length())
+
+
+def full_epc_with_one_reclaimable_page(h, sgx, pid):
+    """The EPC fully charged with one page on an LRU, and nothing woke ksgxd since it
+    last ran: an enclave's only child was written back by ksgxd (its SECS with it), a
+    vEPC took all but two free pages, then the enclave faulted its page back (ELDU of
+    SECS and child, no reclaim), taking the last two. The wake-up check of those two
+    allocations ran while the LRU was empty; the page joined it right after."""
+    encl = sgx.create(pid, 1 << 20)
+    sgx.add_pages(encl, pid, 0, 1, False)
+    sgx.init(encl)
+    vepc = sgx.create_vepc(pid)
+    while sgx.free_pages:
+        assert sgx.vepc_fault(vepc, pid, vepc.nr_pages) is Fault.OK
+    assert sgx.reclaim.take_ksgxd_wakeup()
+    sgx.reclaim.ksgxd()  # writes the child back, and the SECS after its last child: 2 pages free
+    assert sgx.lru_pages(h.root.misc) == 0 and sgx.free_pages == 2
+    assert sgx.fault(encl, pid, 0) is Fault.OK
+    assert sgx.free_pages == 0 and sgx.lru_pages(h.root.misc) == 1
+    assert not sgx.reclaim.take_ksgxd_wakeup()
+    return encl, vepc

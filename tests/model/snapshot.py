@@ -63,6 +63,6 @@ def snapshot(sgx: Sgx) -> dict:
         "misc": misc, "lru": lrus, "memory": memory, "enclaves": enclaves,
         "nodes": {n: (x.free, x.dirty) for n, x in sgx.epc.nodes.items()},
         "encls": {k: v for k, v in sgx.encls.items() if v},
-        "ksgxd": sgx._ksgxd_wake, "async": [_name(c) for c in sgx.async_work],
+        "ksgxd": sgx.reclaim._ksgxd_wake, "async": [_name(c) for c in sgx.reclaim.async_work],
         "oom": list(h.oom_kills), "proc_memory": dict(h.proc_memory),
     }

@@ -13,8 +13,9 @@ import os
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from epcfs.model import Blocked, Hierarchy, KernelError, Sgx
+from epcfs.model import Blocked, Hierarchy, KernelError, Sgx, SgxPageType
 from epcfs.model.constants import PAGE_SIZE, SGX_EPC
+from epcfs.model.invariants import check_invariants
 
 from .snapshot import snapshot
 
@@ -22,7 +23,8 @@ KiB = 1 << 10
 EXAMPLES = int(os.environ.get("EPCFS_HYPOTHESIS_BULK", "100"))
 
 KINDS = ["add"] * 8 + ["create"] * 2 + ["init", "fault", "fault", "release", "sanitize",
-                                         "ksgxd", "async", "max"]
+                                         "ksgxd", "async", "max", "edmm", "edmm"]
+EDMM = ["trim", "tcs", "restrict", "accept", "remove"]
 
 
 @st.composite
@@ -36,6 +38,9 @@ def ops(draw):
     if kind == "fault":
         return (kind, draw(st.integers(0, 7)), draw(st.integers(1, 3)),
                 draw(st.lists(st.floats(0, 1), min_size=1, max_size=6)))
+    if kind == "edmm":
+        return (kind, draw(st.integers(0, 7)), draw(st.sampled_from(EDMM)),
+                draw(st.floats(0, 1)), draw(st.integers(1, 400)))
     if kind in ("init", "release"):
         return (kind, draw(st.integers(0, 7)))
     if kind == "sanitize":
@@ -53,6 +58,18 @@ setups = st.fixed_dictionaries({
     "misc_max": st.sampled_from([48, 100, 200, 400, 2000]),
     "memory_max": st.sampled_from([None, 40, 300, 3000]),
 })
+
+
+def edmm(sgx: Sgx, encl, what: str, first: int, count: int) -> int:
+    """One EDMM ioctl (or EACCEPT) by the enclave's owner."""
+    if what == "accept":
+        return sgx.edmm.accept(encl, first, count)
+    if what == "restrict":
+        return sgx.edmm.restrict_permissions(encl, encl.owner, first, count)
+    if what == "remove":
+        return sgx.edmm.remove_pages(encl, encl.owner, first, count)
+    ptype = SgxPageType.TRIM if what == "trim" else SgxPageType.TCS
+    return sgx.edmm.modify_types(encl, encl.owner, first, count, ptype)
 
 
 def execute(setup: dict, program: list, bulk: bool):
@@ -88,6 +105,13 @@ def execute(setup: dict, program: list, bulk: bool):
                     off = int(op[3] * (e.size_pages - 1))
                     count = min(op[4], e.size_pages - off)
                     result = sgx.add_pages(e, op[2], off, count, op[5], node=op[6])
+            elif kind == "edmm" and encls:
+                live = [e for e in encls if e.initialized and not e.released]
+                if live:
+                    e = live[op[1] % len(live)]
+                    first = int(op[3] * (e.size_pages - 1))
+                    count = min(op[4], e.size_pages - first)
+                    result = edmm(sgx, e, op[2], first, count)
             elif kind == "init" and encls:
                 e = encls[op[1] % len(encls)]
                 if not e.initialized and not e.released:
@@ -100,16 +124,17 @@ def execute(setup: dict, program: list, bulk: bool):
             elif kind == "sanitize":
                 result = sgx.sanitize(op[1])
             elif kind == "ksgxd":
-                result = sgx.ksgxd_step().scanned
+                result = sgx.reclaim.ksgxd().scanned
             elif kind == "async":
-                result = [sgx.async_step(css).scanned for css in list(sgx.async_work)]
+                result = [sgx.reclaim.work_item(css).scanned
+                          for css in list(sgx.reclaim.async_work)]
             elif kind == "max":
                 limited.misc.res[SGX_EPC].max = op[1] * PAGE_SIZE
         except KernelError as e:
             result = ("error", e.errno, e.count)
         except Blocked as e:
             result = ("blocked", e.count)
-        sgx.check_invariants()
+        check_invariants(sgx)
         yield result, snapshot(sgx)
 
 

@@ -15,6 +15,7 @@ from epcfs.model.constants import (
     SGX_NR_LOW_PAGES,
     SGX_NR_TO_SCAN,
 )
+from epcfs.model.invariants import check_invariants
 from epcfs.model.runs import RunState
 
 from .helpers import MiB, cgroup, encl_size, make_sgx, usage_pages
@@ -32,19 +33,19 @@ def test_a_batch_in_three_steps():
     h, sgx = make_sgx()
     cg = cgroup(h, "/t", PID)
     encl = loaded(sgx, PID, 40)
-    batch = sgx.isolate(cg.misc, PID)
+    batch = sgx.reclaim.isolate(cg.misc, PID)
     assert batch.scanned == SGX_NR_TO_SCAN and sgx.lru_pages(cg.misc) == 40 - SGX_NR_TO_SCAN
     assert encl.pages.get(0).state is RunState.ISOLATED and usage_pages(cg) == 42
-    sgx.check_invariants()
-    assert sgx.writeback(batch) == SGX_NR_TO_SCAN
+    check_invariants(sgx)
+    assert sgx.reclaim.writeback(batch) == SGX_NR_TO_SCAN
     assert encl.pages.get(0).state is RunState.EVICTED and usage_pages(cg) == 42
     assert encl.va_used == 16 and encl.nr_pcmd == 1 and cg.memory.usage == 17
     assert sgx.encls["EBLOCK"] == sgx.encls["EWB"] == 16 and sgx.encls["ETRACK"] == 1
-    sgx.check_invariants()
-    assert sgx.free_batch(batch) == 16 and usage_pages(cg) == 26 and not sgx.batches
+    check_invariants(sgx)
+    assert sgx.reclaim.free_batch(batch) == 16 and usage_pages(cg) == 26 and not sgx.reclaim.batches
     with pytest.raises(ValueError):
-        sgx.free_batch(batch)
-    sgx.check_invariants()
+        sgx.reclaim.free_batch(batch)
+    check_invariants(sgx)
 
 
 def test_accessed_pages_get_a_second_chance():
@@ -53,11 +54,11 @@ def test_accessed_pages_get_a_second_chance():
     encl = loaded(sgx, PID, 20)
     sgx.init(encl)
     sgx.fault(encl, PID, 3)
-    batch = sgx.reclaim_pages(cg.misc)
+    batch = sgx.reclaim.reclaim_pages(cg.misc)
     assert batch.scanned == 16 and batch.written == 15
     lru = list(cg.misc.epc.lru)
     assert (lru[-1].start, len(lru[-1]), lru[-1].young) == (3, 1, False)  # at the tail, old
-    sgx.check_invariants()
+    check_invariants(sgx)
 
 
 def test_backing_charge_failure_keeps_the_page_and_asks_the_oom_killer():
@@ -65,11 +66,11 @@ def test_backing_charge_failure_keeps_the_page_and_asks_the_oom_killer():
     cg = cgroup(h, "/t", PID, 200, memory_max=5)
     h.declare_memory(200, 1)
     loaded(sgx, PID, 20)
-    batch = sgx.reclaim_pages(cg.misc, None)
+    batch = sgx.reclaim.reclaim_pages(cg.misc, None)
     assert batch.written == 3 and batch.failed == 13  # 3 contents + 1 PCMD fill the 4 left
     assert cg.memory.usage == 5 and h.oom_kills == [PID]  # the owner holds the most
     assert sgx.lru_pages(cg.misc) == 17
-    sgx.check_invariants()
+    check_invariants(sgx)
 
 
 def test_sync_reclaim_targets_the_charging_subtree_only():
@@ -85,7 +86,7 @@ def test_sync_reclaim_targets_the_charging_subtree_only():
         sgx.create(PID, 1 << 20)  # a has nothing on an LRU: ENOMEM, b is not touched
     assert e.value.errno == errno.ENOMEM and sgx.lru_pages(parent.children["b"].misc) == 40
     assert parent.misc.res["sgx_epc"].events_local == 1 and a.misc.res["sgx_epc"].events == 0
-    sgx.check_invariants()
+    check_invariants(sgx)
 
 
 def test_every_retry_of_the_sync_path_counts_an_event():
@@ -97,7 +98,7 @@ def test_every_retry_of_the_sync_path_counts_an_event():
     cg.misc.res["sgx_epc"].max = 42 * PAGE_SIZE
     sgx.create(PID, PAGE_SIZE * 64)  # headroom for both pages: no event
     assert cg.misc.res["sgx_epc"].events == 1
-    sgx.check_invariants()
+    check_invariants(sgx)
 
 
 def test_fairness_iterator_walks_descendants_in_pre_order():
@@ -106,10 +107,10 @@ def test_fairness_iterator_walks_descendants_in_pre_order():
     cgroup(h, "/a/a2/x")
     cgroup(h, "/b")
     root = h.root.misc
-    order = [sgx.next_cg(root).cgroup.path for _ in range(7)]
+    order = [sgx.reclaim.next_cg(root).cgroup.path for _ in range(7)]
     assert order == ["/", "/a", "/a/a1", "/a/a2", "/a/a2/x", "/b", "/"]
     a = h.lookup("/a").misc
-    assert [sgx.next_cg(a).cgroup.path for _ in range(5)] == ["/a", "/a/a1", "/a/a2",
+    assert [sgx.reclaim.next_cg(a).cgroup.path for _ in range(5)] == ["/a", "/a/a1", "/a/a2",
                                                                "/a/a2/x", "/a"]
 
 
@@ -118,14 +119,14 @@ def test_a_freed_cgroup_is_skipped_by_every_ancestors_iterator():
     cgroup(h, "/a/a1")
     cgroup(h, "/a/a2")
     root, a = h.root.misc, h.lookup("/a").misc
-    sgx.next_cg(root)
-    sgx.next_cg(root)  # root's next is now /a/a1
-    sgx.next_cg(a)  # a's next is /a/a1 too
+    sgx.reclaim.next_cg(root)
+    sgx.reclaim.next_cg(root)  # root's next is now /a/a1
+    sgx.reclaim.next_cg(a)  # a's next is /a/a1 too
     h.rmdir(h.lookup("/a/a1"))
     assert root.epc.next_cg.cgroup.path == "/a/a2" and a.epc.next_cg.cgroup.path == "/a/a2"
     h.rmdir(h.lookup("/a/a2"))
     assert root.epc.next_cg is root and a.epc.next_cg is a
-    sgx.check_invariants()
+    check_invariants(sgx)
 
 
 def test_rounds_rotate_between_cgroups():
@@ -134,13 +135,13 @@ def test_rounds_rotate_between_cgroups():
         cgroup(h, f"/{name}", pid)
         loaded(sgx, pid, 64)
     a, b = h.lookup("/a").misc, h.lookup("/b").misc
-    sgx.reclaim_global()  # root's own LRU is empty, then /a
+    sgx.reclaim.reclaim_global()  # root's own LRU is empty, then /a
     assert (sgx.lru_pages(a), sgx.lru_pages(b)) == (48, 64)
-    sgx.reclaim_global()
+    sgx.reclaim.reclaim_global()
     assert (sgx.lru_pages(a), sgx.lru_pages(b)) == (48, 48)
-    sgx.reclaim_global()
+    sgx.reclaim.reclaim_global()
     assert (sgx.lru_pages(a), sgx.lru_pages(b)) == (32, 48)
-    sgx.check_invariants()
+    check_invariants(sgx)
 
 
 @pytest.mark.parametrize(("limit", "threshold"), [
@@ -153,12 +154,12 @@ def test_should_reclaim_thresholds(limit, threshold):
     parent = cgroup(h, "/p", misc_max=limit * PAGE_SIZE)
     cg = cgroup(h, "/p/c", PID)
     encl = sgx.create(PID, 1 << 22)
-    assert not sgx.should_reclaim(cg.misc)
+    assert not sgx.reclaim.should_reclaim(cg.misc)
     sgx.add_pages(encl, PID, 0, threshold - 3, False)
-    assert usage_pages(cg) == threshold - 1 and not sgx.should_reclaim(cg.misc)
+    assert usage_pages(cg) == threshold - 1 and not sgx.reclaim.should_reclaim(cg.misc)
     sgx.add_pages(encl, PID, threshold - 3, 1, False)
-    assert sgx.should_reclaim(cg.misc)  # the parent's limit counts, the child's usage
-    assert not sgx.should_reclaim(parent.misc) or threshold == usage_pages(parent)
+    assert sgx.reclaim.should_reclaim(cg.misc)  # the parent's limit counts, the child's usage
+    assert not sgx.reclaim.should_reclaim(parent.misc) or threshold == usage_pages(parent)
 
 
 def test_no_reclaim_failure_queues_async_work_that_runs_until_below_threshold():
@@ -167,14 +168,16 @@ def test_no_reclaim_failure_queues_async_work_that_runs_until_below_threshold():
     encl = loaded(sgx, PID, 300)
     sgx.init(encl)
     cg.misc.res["sgx_epc"].max = cg.misc.res["sgx_epc"].usage
-    assert sgx.fault(encl, PID, 0).name == "RETRY" and list(sgx.async_work) == [cg.misc]
+    assert sgx.fault(encl, PID, 0).name == "RETRY" and list(sgx.reclaim.async_work) == [cg.misc]
     rounds = 0
-    while cg.misc in sgx.async_work:
-        rounds += bool(sgx.async_step(cg.misc).scanned)
+    for _ in sgx.reclaim.work_item.steps(cg.misc):  # two steps per batch, one batch per round here
+        rounds += 1
+    rounds //= 2
+    assert cg.misc not in sgx.reclaim.async_work
     limit = cg.misc.res["sgx_epc"].max // PAGE_SIZE - SGX_CG_MIN_FREE_PAGE
     assert rounds >= 2 and limit - 16 <= usage_pages(cg) < limit
     assert sgx.fault(encl, PID, 0).name == "OK"
-    sgx.check_invariants()
+    check_invariants(sgx)
 
 
 def test_ksgxd_wakes_below_low_and_reclaims_up_to_high():
@@ -182,15 +185,14 @@ def test_ksgxd_wakes_below_low_and_reclaims_up_to_high():
     cgroup(h, "/t", PID)
     encl = sgx.create(PID, 1 << 20)
     sgx.add_pages(encl, PID, 0, 256 - 2 - SGX_NR_LOW_PAGES, False)
-    assert not sgx.take_ksgxd_wakeup() and sgx.free_pages == SGX_NR_LOW_PAGES
-    assert sgx.should_wake_ksgxd()  # below HIGH, but nobody woke ksgxd yet
+    assert not sgx.reclaim.take_ksgxd_wakeup() and sgx.free_pages == SGX_NR_LOW_PAGES
+    assert sgx.reclaim.should_wake_ksgxd()  # below HIGH, but nobody woke ksgxd yet
     sgx.add_pages(encl, PID, 256 - 2 - SGX_NR_LOW_PAGES, 1, False)
-    assert sgx.take_ksgxd_wakeup() and not sgx.take_ksgxd_wakeup()
-    while sgx.should_wake_ksgxd():
-        sgx.ksgxd_step()
+    assert sgx.reclaim.take_ksgxd_wakeup() and not sgx.reclaim.take_ksgxd_wakeup()
+    assert sgx.reclaim.ksgxd().scanned
     assert SGX_NR_HIGH_PAGES <= sgx.free_pages < SGX_NR_HIGH_PAGES + SGX_NR_TO_SCAN
-    assert not sgx.ksgxd_step().scanned
-    sgx.check_invariants()
+    assert not sgx.reclaim.ksgxd().scanned
+    check_invariants(sgx)
 
 
 def test_direct_reclaim_goes_global_when_free_pages_are_low():
@@ -200,9 +202,9 @@ def test_direct_reclaim_goes_global_when_free_pages_are_low():
     sgx.add_pages(encl, PID, 0, 240, False)
     free = sgx.free_pages
     assert free < SGX_NR_LOW_PAGES
-    done = sgx.reclaim_direct(PID)
+    done = sgx.reclaim.reclaim_direct(PID)
     assert done.freed == SGX_NR_TO_SCAN and sgx.free_pages == free + SGX_NR_TO_SCAN
-    sgx.check_invariants()
+    check_invariants(sgx)
 
 
 def test_global_reclaim_when_the_cgroup_has_room_but_epc_is_dirty():
@@ -212,5 +214,5 @@ def test_global_reclaim_when_the_cgroup_has_room_but_epc_is_dirty():
     encl = sgx.create(PID, 1 << 20)
     sgx.add_pages(encl, PID, 0, 150, False)  # free runs out first: global rounds
     assert sgx.free_pages <= SGX_NR_TO_SCAN and encl.nr_evicted >= 50
-    assert sgx.take_ksgxd_wakeup()
-    sgx.check_invariants()
+    assert sgx.reclaim.take_ksgxd_wakeup()
+    check_invariants(sgx)

@@ -8,6 +8,7 @@ import pytest
 
 from epcfs.model import Blocked, KernelError, SgxPageType
 from epcfs.model.constants import PAGE_SIZE, SGX_VA_SLOT_COUNT
+from epcfs.model.invariants import check_invariants
 
 from .helpers import MiB, cgroup, encl_size, make_sgx, usage_pages
 
@@ -76,7 +77,7 @@ def run_lockstep(h, sgx, path, nprocs, pages_per_step, **limits):
                     if q.pid == victim and q.result is None:
                         q.fail("oom-killed")
             h.oom_kills.clear()
-        sgx.check_invariants()
+        check_invariants(sgx)
     return cg, [p.result for p in procs]
 
 

@@ -4,9 +4,13 @@ check_invariants() after every step.
 The machine plays the service too: it delivers the OOM killer's SIGKILLs (the victim's
 enclaves and vEPCs are released, the process exits) and keeps reclaim batches between
 their steps for a while, so releases, EDMM and faults land in the window the kernel's
-races live in.
+races live in. It also drives the engine as the daemon does, interleaved: it starts
+operations (ADD_PAGES, ECREATE, EDMM ioctls, ksgxd, work items, direct and global
+reclaim) as step sequences and advances any of them by one step at a time, so several
+tasks are between their steps at once. A task whose process dies or whose enclave is
+released is closed first, as the service abandons an ioctl whose caller is gone.
 
-At least EPCFS_HYPOTHESIS_STEPS steps run (default 2000, the CI budget).
+At least EPCFS_HYPOTHESIS_STEPS steps run (default 10 000, the CI budget: ~15 s here).
 """
 
 from __future__ import annotations
@@ -26,11 +30,14 @@ from hypothesis.stateful import (
 
 from epcfs.model import Blocked, Fault, Hierarchy, KernelError, Sgx, SgxPageType
 from epcfs.model.constants import PAGE_SIZE, SGX_EPC
+from epcfs.model.enclave import Enclave as Encl
+from epcfs.model.engine import WAIT
+from epcfs.model.invariants import check_invariants
 from epcfs.model.reclaim import Stage
 from epcfs.model.runs import RunState
 
 KiB = 1 << 10
-STEPS = int(os.environ.get("EPCFS_HYPOTHESIS_STEPS", "2000"))
+STEPS = int(os.environ.get("EPCFS_HYPOTHESIS_STEPS", "10000"))
 STEPS_PER_RUN = 100
 PIDS = st.integers(1, 6)
 INDEX = st.integers(0, 1 << 16)
@@ -52,17 +59,22 @@ class EpcMachine(RuleBasedStateMachine):
         self.vepcs = []
         self.batches = []
         self.names = 0
+        self.tasks = []  # [steps, pid, enclave or None, errnos it may fail with]
 
     def teardown(self) -> None:
+        for task in self.tasks:
+            task[0].close()
+        self.tasks.clear()
+        check_invariants(self.sgx)
         for batch in self.batches:
             if batch.stage is Stage.ISOLATED:
-                self.sgx.writeback(batch)
-            self.sgx.free_batch(batch)
+                self.sgx.reclaim.writeback(batch)
+            self.sgx.reclaim.free_batch(batch)
         for encl in self.encls:
             self.sgx.release(encl)
         for vepc in self.vepcs:
             self.sgx.release_vepc(vepc)
-        self.sgx.check_invariants()
+        check_invariants(self.sgx)
         assert self.h.root.misc.res[SGX_EPC].usage == 0
         assert self.sgx.free_pages + self.sgx.epc.dirty_total == self.sgx.epc.total_pages
         for pid in list(self.h.procs):  # check_invariants saw no backing left; now the rest
@@ -93,12 +105,21 @@ class EpcMachine(RuleBasedStateMachine):
     def whole_truth(self) -> None:
         global steps_taken
         steps_taken += 1
-        self.sgx.check_invariants()
+        check_invariants(self.sgx)
 
     # -- the service's duties ----------------------------------------------------------
 
+    def _close_tasks(self, pid: int | None = None, encl=None) -> None:
+        for task in [t for t in self.tasks
+                     if (pid is not None and t[1] == pid) or (encl is not None and t[2] is encl)]:
+            task[0].close()
+            self.tasks.remove(task)
+
     def kill(self, pid: int) -> None:
         """SIGKILL: the process's fds close (its enclaves and vEPCs go), then it exits."""
+        self._close_tasks(pid)
+        for encl in [e for e in self.encls if e.owner == pid]:
+            self._close_tasks(encl=encl)
         for encl in [e for e in self.encls if e.owner == pid]:
             self.sgx.release(encl)
             self.encls.remove(encl)
@@ -266,15 +287,15 @@ class EpcMachine(RuleBasedStateMachine):
         pid = encl.owner
         try:
             if op == "tcs":
-                self.sgx.modify_types(encl, pid, first, count, SgxPageType.TCS)
+                self.sgx.edmm.modify_types(encl, pid, first, count, SgxPageType.TCS)
             elif op == "trim":
-                self.sgx.modify_types(encl, pid, first, count, SgxPageType.TRIM)
+                self.sgx.edmm.modify_types(encl, pid, first, count, SgxPageType.TRIM)
             elif op == "restrict":
-                self.sgx.restrict_permissions(encl, pid, first, count)
+                self.sgx.edmm.restrict_permissions(encl, pid, first, count)
             elif op == "remove":
-                self.sgx.remove_pages(encl, pid, first, count)
+                self.sgx.edmm.remove_pages(encl, pid, first, count)
             else:
-                self.sgx.accept(encl, first, count)
+                self.sgx.edmm.accept(encl, first, count)
         except KernelError as e:
             assert e.errno in (errno.EINVAL, errno.EFAULT, errno.EAGAIN, errno.EPERM,
                                errno.EBUSY)
@@ -283,6 +304,7 @@ class EpcMachine(RuleBasedStateMachine):
     def release(self, which) -> None:
         encl = pick(self.encls, which)
         if encl is not None:
+            self._close_tasks(encl=encl)
             self.sgx.release(encl)
             self.encls.remove(encl)
 
@@ -318,7 +340,7 @@ class EpcMachine(RuleBasedStateMachine):
 
     @rule(which=INDEX, pid=st.one_of(st.none(), PIDS))
     def isolate(self, which, pid) -> None:
-        self.batches.append(self.sgx.isolate(pick(self._csses(), which), pid))
+        self.batches.append(self.sgx.reclaim.isolate(pick(self._csses(), which), pid))
 
     @rule(which=INDEX)
     def batch_step(self, which) -> None:
@@ -326,27 +348,99 @@ class EpcMachine(RuleBasedStateMachine):
         if batch is None:
             return
         if batch.stage is Stage.ISOLATED:
-            self.sgx.writeback(batch)
+            self.sgx.reclaim.writeback(batch)
         else:
-            self.sgx.free_batch(batch)
+            self.sgx.reclaim.free_batch(batch)
             self.batches.remove(batch)
 
     @rule(which=st.sampled_from(["global", "ksgxd", "async", "direct"]), pid=PIDS)
     def reclaim(self, which, pid) -> None:
         if which == "global":
-            self.sgx.reclaim_global(pid)
+            self.sgx.reclaim.reclaim_global(pid)
         elif which == "ksgxd":
-            self.sgx.take_ksgxd_wakeup()
-            self.sgx.ksgxd_step()
+            self.sgx.reclaim.take_ksgxd_wakeup()
+            self.sgx.reclaim.ksgxd()
         elif which == "async":
-            for css in list(self.sgx.async_work):
-                self.sgx.async_step(css)
+            for css in list(self.sgx.reclaim.async_work):
+                self.sgx.reclaim.work_item(css)
         else:
-            self.sgx.reclaim_direct(pid)
+            self.sgx.reclaim.reclaim_direct(pid)
 
     @rule(count=st.integers(0, 100))
     def sanitize(self, count) -> None:
         self.sgx.sanitize(count)
+
+
+class InterleavedMachine(EpcMachine):
+    """The same machine plus operations in flight, one step at a time."""
+
+    @rule(which=INDEX, kind=st.sampled_from(["add", "create", "trim", "tcs", "restrict",
+                                             "remove", "ksgxd", "work", "direct",
+                                             "global"]),
+          pid=PIDS, where=FRACTION, count=st.integers(1, 200))
+    def start_task(self, which, kind, pid, where, count) -> None:
+        sgx = self.sgx
+        enomem = (errno.ENOMEM,)
+        edmm = (errno.EINVAL, errno.EFAULT, errno.EAGAIN, errno.EPERM, errno.EBUSY)
+        busy = {t[2] for t in self.tasks if t[2] is not None}
+        encls = [e for e in self.encls if e not in busy]  # one ioctl per enclave at a time
+        if kind == "create":
+            self.tasks.append([sgx.create.steps(pid, 1 << 18), pid, None, enomem])
+        elif kind == "add":
+            encl = pick([e for e in encls if not e.initialized and e.nr_pages < e.size_pages],
+                        which)
+            if encl is not None:
+                first = self._gap(encl, int(where * (encl.size_pages - 1)))
+                steps = sgx.add_pages.steps(encl, encl.owner, first,
+                                            min(count, encl.size_pages - first), False)
+                # EINVAL: EINIT came before the task's first step (its argument check)
+                self.tasks.append([steps, encl.owner, encl,
+                                   (errno.ENOMEM, errno.EBUSY, errno.EINVAL)])
+        elif kind in ("trim", "tcs", "restrict", "remove"):
+            encl = pick([e for e in encls if e.initialized], which)
+            if encl is not None:
+                first = int(where * (encl.size_pages - 1))
+                n = min(count, encl.size_pages - first)
+                if kind == "restrict":
+                    steps = sgx.edmm.restrict_permissions.steps(encl, encl.owner, first, n)
+                elif kind == "remove":
+                    steps = sgx.edmm.remove_pages.steps(encl, encl.owner, first, n)
+                else:
+                    ptype = SgxPageType.TRIM if kind == "trim" else SgxPageType.TCS
+                    steps = sgx.edmm.modify_types.steps(encl, encl.owner, first, n, ptype)
+                self.tasks.append([steps, encl.owner, encl, edmm])
+        elif kind == "ksgxd":
+            self.tasks.append([sgx.reclaim.ksgxd.steps(), None, None, ()])
+        elif kind == "work":
+            css = pick(list(sgx.reclaim.async_work), which)
+            if css is not None:
+                self.tasks.append([sgx.reclaim.work_item.steps(css), None, None, ()])
+        elif kind == "direct":
+            self.tasks.append([sgx.reclaim.reclaim_direct.steps(pid), pid, None, ()])
+        else:
+            self.tasks.append([sgx.reclaim.reclaim_global.steps(pid), pid, None, ()])
+
+    @rule(which=INDEX, times=st.integers(1, 4))
+    def step_task(self, which, times) -> None:
+        """Advance one operation in flight; a WAIT leaves it for others to unblock."""
+        task = pick(self.tasks, which)
+        if task is None:
+            return
+        steps, _, _, errnos = task
+        for _ in range(times):
+            try:
+                result = steps.send(None)
+            except StopIteration as stop:
+                self.tasks.remove(task)
+                if isinstance(stop.value, Encl):
+                    self.encls.append(stop.value)
+                return
+            except KernelError as e:
+                assert e.errno in errnos, e
+                self.tasks.remove(task)
+                return
+            if result is WAIT:
+                return
 
 
 def test_state_machine():
@@ -354,7 +448,7 @@ def test_state_machine():
     steps_taken = 0
     runs = 0
     while steps_taken < STEPS:
-        run_state_machine_as_test(EpcMachine, settings=settings(
+        run_state_machine_as_test(InterleavedMachine, settings=settings(
             max_examples=max(1, (STEPS - steps_taken) // STEPS_PER_RUN),
             stateful_step_count=STEPS_PER_RUN, deadline=None, database=None,
             suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much]))

@@ -9,6 +9,7 @@ import pytest
 
 from epcfs.model import Hierarchy, Sgx
 from epcfs.model.errors import KernelError
+from epcfs.model.invariants import check_invariants
 
 from .helpers import MiB, encl_size
 
@@ -51,12 +52,12 @@ def test_charges_follow_each_hierarchy():
     memory.declare_memory(PID, 31)  # over: the OOM victim is the charging task, forced
     assert memory.oom_kills == [PID] and m.memory.failcnt == 1 and m.memory.usage == 41
     assert misc.oom_kills == []
-    sgx.check_invariants()
+    check_invariants(sgx)
     sgx.release(encl)
     memory.exit(PID)
     misc.exit(PID)
     assert m.memory.usage == 0 and a.misc.res["sgx_epc"].usage == 0
-    sgx.check_invariants()
+    check_invariants(sgx)
 
 
 def test_v1_limit_rules():

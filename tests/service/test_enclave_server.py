@@ -14,6 +14,7 @@ import trio.testing
 
 from epcfs.model.cgroup import Hierarchy
 from epcfs.model.constants import PAGE_SIZE
+from epcfs.model.invariants import check_invariants
 from epcfs.model.sgx import Sgx
 from epcfs.protocol import decode, encode
 from epcfs.service.enclave_server import EnclaveServer
@@ -21,6 +22,7 @@ from epcfs.service.enclave_socket import EnclaveSocket
 from epcfs.service.reclaimers import Reclaimers
 from epcfs.service.steps import Stepper
 from epcfs.service.timing import COST_US
+from tests.model.helpers import full_epc_with_one_reclaimable_page
 
 MIB = 1 << 20
 
@@ -49,12 +51,11 @@ class Rig:
     def __init__(self, path: str, capacity: int, scale: float) -> None:
         self.h = Hierarchy()
         self.sections = [(0, capacity)]
-        self.sgx = Sgx(self.h, self.sections, stepwise_reclaim=True)
+        self.sgx = Sgx(self.h, self.sections)
         self.tracker = StubTracker(self.h)
         self.steps = Stepper(self.sgx, self.tracker, scale)
         self.reclaimers = Reclaimers(self.sgx, self.steps)
-        self.server = EnclaveServer(self.sgx, self.tracker, self.sections, self.steps,
-                                    self.reclaimers)
+        self.server = EnclaveServer(self.sgx, self.tracker, self.sections, self.steps)
         self.path = path
 
     async def start(self, nursery: trio.Nursery, *, sanitize: bool = True) -> None:
@@ -107,7 +108,7 @@ async def test_hangup_releases_everything(tmp_path, autojump):
         sock.close()
         await trio.sleep(0.01)
         assert usage(rig.h) == 0
-        rig.sgx.check_invariants()
+        check_invariants(rig.sgx)
         nursery.cancel_scope.cancel()
 
 
@@ -125,7 +126,7 @@ async def test_oversubscribed_load_completes_with_reclaim(tmp_path, autojump):
         assert (await call(sock, "init"))["ok"]
         assert (await call(sock, "touch", offset=0, count=4))["ok"]  # faults back in
         assert rig.sgx.encls["EWB"] > 0 and rig.sgx.encls["ELDU"] > 0
-        rig.sgx.check_invariants()
+        check_invariants(rig.sgx)
         sock.close()
         await trio.sleep(0.01)
         assert usage(rig.h) == 0
@@ -199,8 +200,46 @@ async def test_edmm_runs_direct_reclaim_first(tmp_path, autojump):
         reply = await call(sock, "modify_types", offset=0, count=4, page_type=4)  # TRIM
         assert reply == {"ok": True, "count": 4}
         assert rig.sgx.encls["EWB"] > written
-        rig.sgx.check_invariants()
+        check_invariants(rig.sgx)
         sock.close()
         await trio.sleep(0.01)
         assert cg.misc.res["sgx_epc"].usage == 0
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_vepc_fault_that_cannot_reclaim_waits_without_spinning(tmp_path, autojump):
+    """Issue 10 item 5. The EPC is fully charged with one page on an LRU and nothing woke
+    ksgxd (tests/model/test_vepc.py builds that state the way the kernel reaches it). A
+    vEPC fault then gets EBUSY on the no-reclaim path, as in the kernel, and retries; the
+    root has no limit, so the work item it queues does nothing. The request stays
+    pending, but the daemon does not spin (a handful of tries a second), other requests
+    are answered meanwhile, and once another task frees pages the fault goes through."""
+    rig = Rig(str(tmp_path / "s"), 1 * MIB, scale=1.0)
+    rig.sgx.sanitize_all()
+    pid = os.getpid()
+    encl, _ = full_epc_with_one_reclaimable_page(rig.h, rig.sgx, pid)
+    root = rig.h.root.misc.res["sgx_epc"]
+    replies: list[dict] = []
+    async with trio.open_nursery() as nursery:
+        await rig.start(nursery, sanitize=False)
+        vmm = await rig.connect()
+
+        async def fault() -> None:
+            replies.append(await call(vmm, "vepc", count=1))
+
+        nursery.start_soon(fault)
+        await trio.sleep(1.0)
+        tries = root.events
+        await trio.sleep(10.0)
+        assert replies == [] and 0 < root.events - tries <= 60  # ≤ 4 tries a second
+        other = await rig.connect()
+        assert (await call(other, "info"))["ok"]  # the daemon answers others meanwhile
+        rig.sgx.release(encl)  # its owner exits: three pages free
+        rig.steps.settle()
+        await trio.sleep(1.0)
+        assert replies == [{"ok": True}]
+        check_invariants(rig.sgx)
+        vmm.close()
+        other.close()
+        await trio.sleep(0.01)
         nursery.cancel_scope.cancel()

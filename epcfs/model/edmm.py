@@ -1,0 +1,195 @@
+"""The SGX2 EDMM ioctls (SGX_IOC_ENCLAVE_RESTRICT_PERMISSIONS, MODIFY_TYPES,
+REMOVE_PAGES) and EACCEPT from inside the enclave, over the enclaves of one Sgx.
+
+Each ioctl is an engine operation (engine.py): per page sgx_reclaim_direct, then the
+page loaded if evicted and changed, a step each, so the service paces them and other
+tasks run between pages.
+"""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from .constants import SGX_NR_LOW_PAGES, SgxPageType
+from .engine import Steps, operation
+from .errors import KernelError
+from .runs import Run, RunState
+
+if TYPE_CHECKING:
+    from .enclave import Enclave
+    from .sgx import Sgx
+
+
+class Edmm:
+    """The EDMM operations on `sgx`'s enclaves (Sgx.edmm)."""
+
+    def __init__(self, sgx: Sgx) -> None:
+        self.sgx = sgx
+
+    def check_edmm(self, encl: Enclave, first: int, count: int) -> None:
+        """sgx_ioc_sgx2_ready + sgx_validate_offset_length. The simulated CPU has SGX2
+        (no ENODEV); the ioctls' own argument checks (reserved bits, result/count fields
+        non-zero, permission combinations) are the enclave server's, before calling."""
+        self.sgx._check_live(encl)
+        if not encl.initialized:
+            raise KernelError(errno.EINVAL, "enclave not initialized")
+        if count < 1 or first < 0 or first + count > encl.size_pages:
+            raise KernelError(errno.EINVAL, "range outside the enclave")
+
+    def _edmm_each(self, encl: Enclave, pid: int, first: int, count: int,
+                   node: int | None, pages: Callable[[int, int, Run], None]) -> Steps[int]:
+        """The loop of every EDMM ioctl: check the range, then per page direct reclaim,
+        sgx_encl_load_page (ELDU on the no-reclaim path; EBUSY becomes EAGAIN, any other
+        failure EFAULT) and the change, a step each. A failure carries the pages done as
+        `count`, which the ioctls report back; success returns `count`.
+
+        Runs, not pages: once direct reclaim has nothing to do (the caller's cgroup is
+        not near its limit, free pages are not low) and page i is on an LRU, the rest of
+        its run up to the range's end is alike and changed in one step by
+        `pages(i, n, run)`, which checks the run as it would its first page. Equivalent
+        to page by page, because none of these changes allocates: usage only falls and
+        free pages only grow, so direct reclaim would stay idle for every page of it.
+        Sgx(bulk=False) goes page by page (tests compare the two)."""
+        self.check_edmm(encl, first, count)
+        pref = self.sgx.epc.preference(node)
+        reclaim = self.sgx.reclaim
+        css = self.sgx.h.misc_of(pid)
+        c = 0
+        while c < count:
+            i = first + c
+            try:
+                yield from reclaim.reclaim_direct.steps(pid)
+                run = encl.pages.get(i)
+                if run is None:
+                    raise KernelError(errno.EFAULT, f"no page {i}")
+                if run.state is RunState.EVICTED:
+                    try:
+                        self.sgx._eldu(encl, pid, i, pref, young=False)
+                    except KernelError as e:
+                        err = errno.EAGAIN if e.errno == errno.EBUSY else errno.EFAULT
+                        raise KernelError(err, f"cannot load page {i}: {e.why}") from e
+                    run = encl.pages.get(i)
+                n = 1
+                if self.sgx.bulk and run.state is RunState.LRU and \
+                        not reclaim.should_reclaim(css) and \
+                        not reclaim.should_reclaim_global(SGX_NR_LOW_PAGES):
+                    n = min(run.end, first + count) - i
+                pages(i, n, run)
+            except KernelError as e:
+                e.count = c
+                raise
+            c += n
+            yield
+        return count
+
+    def _set_pages(self, encl: Enclave, i: int, n: int, **attrs) -> None:
+        """Pages [i, i+n), within one run, take new attributes."""
+        pages = encl.pages
+        pages.cut(i)
+        pages.cut(i + n)
+        k = pages.find(i)
+        for name, value in attrs.items():
+            setattr(pages.runs[k], name, value)
+        pages.merge_at(k)
+
+    @operation
+    def restrict_permissions(self, encl: Enclave, pid: int, first: int, count: int,
+                             node: int | None = None) -> Steps[int]:
+        """SGX_IOC_ENCLAVE_RESTRICT_PERMISSIONS: EMODPR + ETRACK per page. EINVAL on a
+        non-REG page (TCS permissions cannot be restricted). Returns pages done; errors
+        carry `count`. Permission bits themselves are the enclave server's business.
+        Like every EDMM ioctl it runs sgx_reclaim_direct before each page."""
+
+        def page(i: int, n: int, run: Run) -> None:
+            if run.ptype != SgxPageType.REG:
+                raise KernelError(errno.EINVAL, f"page {i} is {run.ptype.name}")
+            self.sgx.encls["EMODPR"] += n
+            self.sgx.encls["ETRACK"] += n
+
+        return (yield from self._edmm_each(encl, pid, first, count, node, page))
+
+    @operation
+    def modify_types(self, encl: Enclave, pid: int, first: int, count: int,
+                     page_type: SgxPageType, node: int | None = None) -> Steps[int]:
+        """SGX_IOC_ENCLAVE_MODIFY_TYPES to TCS or TRIM: EMODT + ETRACK per page.
+
+        REG → TCS or TRIM, TCS → TRIM; anything else EINVAL. REG → TCS unmarks the page
+        while its PTEs are zapped and marks it again (it moves to the LRU tail); a page
+        the reclaimer holds cannot be unmarked: EAGAIN. The model keeps no page
+        permissions, so the kernel's EPERM for REG → TCS on a page added without RW is
+        the enclave server's to give."""
+        if page_type not in (SgxPageType.TCS, SgxPageType.TRIM):
+            self.sgx._check_live(encl)
+            raise KernelError(errno.EINVAL, f"cannot change pages to {page_type!r}")
+
+        def page(i: int, n: int, run: Run) -> None:
+            if not (run.ptype == SgxPageType.REG or
+                    (run.ptype == SgxPageType.TCS and page_type == SgxPageType.TRIM)):
+                raise KernelError(errno.EINVAL, f"page {i} is {run.ptype.name}")
+            if run.ptype == SgxPageType.REG and page_type == SgxPageType.TCS:
+                if run.state is not RunState.LRU:
+                    raise KernelError(errno.EAGAIN, f"page {i} is being reclaimed")
+                self._requeue(encl, i, n)
+            self.sgx.encls["EMODT"] += n
+            self.sgx.encls["ETRACK"] += n
+            self._set_pages(encl, i, n, ptype=page_type, accepted=False)
+
+        return (yield from self._edmm_each(encl, pid, first, count, node, page))
+
+    def _requeue(self, encl: Enclave, i: int, n: int) -> None:
+        """Unmark then mark pages [i, i+n) (within one run) reclaimable again: they move
+        to their LRU's tail, in order."""
+        pages = encl.pages
+        pages.cut(i)
+        pages.cut(i + n)
+        run = pages.get(i)
+        self.sgx.reclaim.lru_unlink(run)
+        self.sgx.reclaim.lru_append(run)
+
+    def accept(self, encl: Enclave, first: int, count: int) -> int:
+        """EACCEPT from inside the enclave (ENCLU, no syscall): acknowledges TRIMmed pages
+        so REMOVE_PAGES may remove them. The service faults a page in before accepting
+        it, as the enclave's access would. Returns the pages present in the range."""
+        self.sgx._check_live(encl)
+        pages = encl.pages
+        present = 0
+        for run in pages.isolate(first, first + count):
+            present += len(run)
+            if run.ptype == SgxPageType.TRIM:
+                run.accepted = True
+        for run in pages.overlapping(first, first + count):
+            k = pages.find(run.start)
+            if k >= 0:
+                pages.merge_at(k)
+        self.sgx.encls["EACCEPT"] += present
+        return present
+
+    @operation
+    def remove_pages(self, encl: Enclave, pid: int, first: int, count: int,
+                     node: int | None = None) -> Steps[int]:
+        """SGX_IOC_ENCLAVE_REMOVE_PAGES: only TRIM pages the enclave has EACCEPTed
+        (else EPERM: the kernel's EMODPR probe tells); a page the reclaimer holds gives
+        EBUSY. Each page is EREMOVEd and freed; VA pages stay (page_cnt shrinks)."""
+
+        def page(i: int, n: int, run: Run) -> None:
+            if run.ptype != SgxPageType.TRIM:
+                raise KernelError(errno.EPERM, f"page {i} is not trimmed")
+            if not run.accepted:
+                self.sgx.encls["EMODPR"] += 1
+                raise KernelError(errno.EPERM, f"page {i} not accepted")
+            self.sgx.encls["EMODPR"] += n
+            if run.state is not RunState.LRU:
+                raise KernelError(errno.EBUSY, f"page {i} is being reclaimed")
+            pages = encl.pages
+            pages.cut(i)
+            pages.cut(i + n)
+            k = pages.find(i)
+            run = pages.runs[k]
+            self.sgx.reclaim.lru_unlink(run)
+            pages.pop(k)
+            self.sgx.reclaim.free_epc(run.node, run.css, n, eremove=True)
+            encl.child_removed(n)
+
+        return (yield from self._edmm_each(encl, pid, first, count, node, page))
