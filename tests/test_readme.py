@@ -17,20 +17,26 @@ README = REPO / "README.md"
 TIMEOUT = 120.0
 """Seconds a block may take: the longest runs a daemon and a 5 s `epcfs load` hold."""
 
-FENCE = re.compile(r"(?:<!-- (not run[^>]*)-->\n)?```(\w*)\n(.*?)```", re.S)
-
-
 def sections() -> dict[str, list[tuple[str, str | None]]]:
-    """Heading -> its ```sh blocks in order, as (code, why-not-run or None)."""
+    """Heading -> its ```sh blocks in order, as (code, why-not-run or None). Line by line:
+    a `# comment` inside a block is not a heading."""
     out: dict[str, list[tuple[str, str | None]]] = {}
-    heading = ""
-    for part in re.split(r"^(#+ .*)$", README.read_text(), flags=re.M):
-        if part.startswith("#"):
-            heading = part
-            continue
-        for m in FENCE.finditer(part):
-            if m.group(2) == "sh":
-                out.setdefault(heading, []).append((m.group(3), m.group(1)))
+    heading, fence, why, code = "", None, None, []
+    for line in README.read_text().splitlines():
+        if fence is not None:
+            if line.startswith("```"):
+                if fence == "sh":
+                    out.setdefault(heading, []).append(("\n".join(code) + "\n", why))
+                fence, why, code = None, None, []
+            else:
+                code.append(line)
+        elif line.startswith("```"):
+            fence = line[3:].strip()
+        elif line.startswith("#"):
+            heading = line
+        else:
+            marker = re.fullmatch(r"<!-- (not run[^>]*)-->", line.strip())
+            why = marker.group(1) if marker else (why if not line.strip() else None)
     return out
 
 
