@@ -17,6 +17,7 @@ SUBCOMMANDS = (
     ("run", "epcfs.tools.run", "run a command where /sys/fs/cgroup is epcfs"),
     ("selftest", "epcfs.tools.selftest", "run a kernel tree's run_epc_cg_selftests.sh unchanged"),
     ("load", "epcfs.tools.load", "hold an enclave of a given size in the current cgroup"),
+    ("top", "epcfs.tools.top", "show the EPC per cgroup of every running daemon, like cgtop"),
     ("cdi", "epcfs.tools.cdi", "print a CDI spec giving containers the simulated SGX"),
     ("oci-hook", "epcfs.tools.oci_hook", "OCI hook (state on stdin): a container's own cgroup"),
 )

@@ -72,6 +72,7 @@ OPS: dict[str, dict[str, Field]] = {
     "vepc": {"count": PAGES},  # a VMM faulting `count` guest pages of /dev/sgx_vepc
     # memory the process holds (source image), charged to its memcg: a size_t, never < 0
     "declare": {"bytes": Field(int, high=U64_MAX)},
+    "stats": {},  # read-only: a row per cgroup for `epcfs top` (EPC, memory, reclaim)
 }
 """Every op and its fields. `check` holds each request to this before any handler runs."""
 

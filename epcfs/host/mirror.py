@@ -16,8 +16,9 @@ daemon would deadlock it.
 
 The top is named `epcfs-<pid namespace inode>-<pid>-<start time>` after the daemon, so
 the next daemon started in the same cgroup can tell a mirror left by a SIGKILLed daemon
-(its process is gone) and remove it; mirrors of daemons in other pid namespaces are left
-alone (their liveness cannot be told from here).
+(its process is gone) and remove it. A mirror of a daemon in another pid namespace is
+removed only by a daemon in the initial namespace, and only once no process is left in
+that namespace: elsewhere its liveness cannot be told.
 """
 
 from __future__ import annotations
@@ -27,14 +28,24 @@ import errno
 import logging
 import os
 import re
+import time
 
 log = logging.getLogger(__name__)
 
 _NAME = re.compile(r"epcfs-(\d+)-(\d+)-(\d+)")
 
+PROC_PID_INIT_INO = 0xEFFFFFFC
+"""The inode of the initial pid namespace, fixed by the kernel (include/linux/proc_ns.h):
+the one namespace whose /proc shows the processes of every other."""
+
 TEARDOWN_ROUNDS = 100
 """Passes that move processes out of a cgroup being removed: members may still be
 forking while they are moved; each pass takes what the last one missed."""
+
+TEARDOWN_PAUSE = 0.005
+"""Seconds between passes that found members: a process killed just before the teardown
+is listed until its exit reaches cgroup_exit(), and moving it fails with ESRCH; a pause
+lets it go, so that 100 passes cover half a second rather than a busy spin."""
 
 
 def _self_identity() -> tuple[int, int, int]:
@@ -205,10 +216,24 @@ class Mirror:
 
     def _remove_stale(self) -> None:
         ns = os.stat("/proc/self/ns/pid").st_ino
+        live_namespaces: set[int] | None = None
         for name in os.listdir(self.parent_fd):
             m = _NAME.fullmatch(name)
-            if m is None or int(m[1]) != ns or _start_time(int(m[2])) == int(m[3]):
+            if m is None:
                 continue
+            if int(m[1]) == ns:
+                if _start_time(int(m[2])) == int(m[3]):
+                    continue  # its daemon is alive
+            else:
+                # A daemon in another pid namespace: its pid means nothing here, but a
+                # namespace that no process is in any more has no daemon left either.
+                # Only the initial namespace sees every process, so only it can tell.
+                if ns != PROC_PID_INIT_INO:
+                    continue
+                if live_namespaces is None:
+                    live_namespaces = _pid_namespaces()
+                if int(m[1]) in live_namespaces:
+                    continue
             log.info("removing the cgroup mirror a killed daemon left: %s", name)
             fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC,
                          dir_fd=self.parent_fd)
@@ -238,6 +263,7 @@ class Mirror:
                 for pid in pids:
                     with contextlib.suppress(OSError):  # exited meanwhile
                         _write_at(self.parent_fd, "cgroup.procs", pid)
+                time.sleep(TEARDOWN_PAUSE)
             if d != ".":
                 try:
                     os.rmdir(d, dir_fd=top)
@@ -249,6 +275,16 @@ class Mirror:
 
     def _write(self, path: str, name: str, text: str) -> None:
         _write_at(self.fd, f"{_rel(path)}/{name}", text)
+
+
+def _pid_namespaces() -> set[int]:
+    """The inodes of every pid namespace some process visible here is in."""
+    found = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError):
+                found.add(os.stat(f"/proc/{entry}/ns/pid").st_ino)
+    return found
 
 
 def _rel(path: str) -> str:

@@ -61,6 +61,8 @@ class MountConfig:
     cgroup_version: int = 2
     """2: one cgroup2 hierarchy at the mountpoint. 1: the v1 layout, a read-only
     directory holding two hierarchies, `misc` and `memory` (root_controllers unused)."""
+    trace: str | None = None
+    """Where to write a Chrome trace-event file of the run (trace.ChromeTrace)."""
     membership: str = "auto"
     """Who tracks which process is in which cgroup (MEMBERSHIP_MODES): "cgroup",
     the kernel in a mirror of the tree; "events", fork events; "auto": cgroup if it can."""
@@ -120,6 +122,9 @@ def add_mount_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--enclave-socket", metavar="PATH", default=None,
                    help="where the simulated /dev/sgx_enclave listens (default: "
                         "/run/epcfs/sockets/<mountpoint>.sock; clients use $EPCFS_SOCKET or that)")
+    p.add_argument("--trace", metavar="FILE", default=None,
+                   help="write a Chrome trace-event file (ui.perfetto.dev, chrome://tracing) "
+                        "of EPC use, reclaim and failures per cgroup, as it happens")
     p.add_argument("--membership", choices=MEMBERSHIP_MODES, default=None,
                    help="cgroup: the kernel tracks processes, in real cgroups mirroring "
                         "the tree below the daemon's own cgroup2 cgroup (v1 layout: in named "
@@ -183,6 +188,7 @@ def config_from_args(args: argparse.Namespace, mountpoint: str) -> MountConfig:
                           else args.root_controllers),
         cgroup_version=getattr(args, "cgroup_version", None) or 2,
         file_size=getattr(args, "file_size", None) or MountConfig.file_size,
+        trace=os.path.abspath(args.trace) if getattr(args, "trace", None) else None,
         membership=getattr(args, "membership", None) or MountConfig.membership,
         foreground=getattr(args, "foreground", False) or getattr(args, "debug", False),
         debug=getattr(args, "debug", False),
@@ -341,8 +347,8 @@ def serve(cfg: MountConfig, ready) -> int:
     # The socket is bound before the mount exists: nothing the daemon does may touch its
     # own mount before the FUSE loop serves it, or it waits on itself in the kernel. And
     # first of all: a second daemon for the same socket leaves before it makes anything.
-    enclave_socket = EnclaveSocket(cfg.enclave_socket or default_socket(cfg.mountpoint),
-                                   cfg.socket_mode)
+    enclave_socket = EnclaveSocket(
+        os.path.abspath(cfg.enclave_socket or default_socket(cfg.mountpoint)), cfg.socket_mode)
     try:
         listening = enclave_socket.open()
     except (SocketBusy, OSError) as e:
@@ -364,6 +370,7 @@ def _build_and_serve(cfg: MountConfig, ready, listening) -> int:
     from .enclave_server import EnclaveServer
     from .reclaimers import Reclaimers
     from .steps import Stepper
+    from .trace import ChromeTrace
 
     if cfg.cgroup_version == 1:
         hierarchy = Hierarchy(legacy="misc")
@@ -392,6 +399,12 @@ def _build_and_serve(cfg: MountConfig, ready, listening) -> int:
         return 1
     fs.sized_files = cfg.file_size == "content"
     steps = Stepper(sgx, tracker, cfg.time_scale)
+    if cfg.trace:
+        try:
+            steps.tracer = ChromeTrace(cfg.trace)
+        except OSError as e:
+            log.error("--trace %s: %s", cfg.trace, e.strerror)
+            return 1
     reclaimers = Reclaimers(sgx, steps)
     server = EnclaveServer(sgx, tracker, sections, steps)
     with pidfile(cfg.pidfile):
@@ -419,6 +432,7 @@ def _serve(cfg: MountConfig, ready, fs, tracker, reclaimers, server, listening) 
     import trio
 
     from ..fs import loop as fuse_loop
+    from .registry import registered
 
     options = set(pyfuse3.default_options)
     options |= {"fsname=epcfs", "subtype=epcfs", "allow_other"}
@@ -436,10 +450,12 @@ def _serve(cfg: MountConfig, ready, fs, tracker, reclaimers, server, listening) 
             nursery.start_soon(_signals, nursery)
             nursery.start_soon(tracker.run)
             nursery.start_soon(reclaimers.run)
+            nursery.start_soon(server.steps.tracer.run, server.sgx)
             await nursery.start(server.serve, listening)
             nursery.start_soon(_announce_ready, capacity_file(cfg), ready,
                                fs if cfg.file_size == "auto" else None)
-            await fuse_loop.main()
+            with registered(cfg.mountpoint, listening.getsockname()):
+                await fuse_loop.main()
             nursery.cancel_scope.cancel()
 
     async def _signals(nursery: trio.Nursery) -> None:
@@ -462,6 +478,7 @@ def _serve(cfg: MountConfig, ready, fs, tracker, reclaimers, server, listening) 
             signal.signal(signum, signal.SIG_IGN)
         pyfuse3.close(unmount=True)
         tracker.close()
+        server.steps.tracer.close()
     return status
 
 

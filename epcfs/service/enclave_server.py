@@ -109,6 +109,7 @@ class EnclaveServer:
                     if not data:
                         break
                     reply = await self.dispatch(conn, data)
+                    self.steps.tracer.replied(pid, reply)
                     await sock.send(encode(reply))
             except (Gone, BrokenPipeError, ConnectionResetError):
                 pass
@@ -148,7 +149,7 @@ class EnclaveServer:
         cgroup is looked up afresh, as each allocation charges `current`'s."""
         conn.check_alive()
         self.tracker.cgroup_of(conn.pid)
-        return await self.steps.run(fn, *args)
+        return await self.steps.run(fn, *args, css=self.sgx.h.misc_of(conn.pid))
 
     async def operation(self, conn: Connection, name: str, steps: Steps):
         """An engine operation (an ioctl with its allocations and the reclaim they need)
@@ -161,7 +162,7 @@ class EnclaveServer:
             self.tracker.cgroup_of(conn.pid)
 
         return await self.steps.drive(name, steps, css=self.sgx.h.misc_of(conn.pid),
-                                      alive=alive)
+                                      pid=conn.pid, alive=alive)
 
     async def touch_in(self, conn: Connection, encl: Enclave, first: int,
                        count: int) -> dict | None:
@@ -278,6 +279,10 @@ async def _declare(srv: EnclaveServer, conn: Connection, req: dict) -> dict:
     return {"ok": True}
 
 
+async def _stats(srv: EnclaveServer, conn: Connection, req: dict) -> dict:
+    return {"ok": True, **srv.steps.tracer.stats(srv.sgx)}
+
+
 HANDLERS: dict[str, Handler] = {
     "info": _info,
     "create": _create,
@@ -291,4 +296,5 @@ HANDLERS: dict[str, Handler] = {
     "remove": _edmm("remove_pages"),
     "vepc": _vepc,
     "declare": _declare,
+    "stats": _stats,
 }

@@ -42,6 +42,7 @@ from ..host.mountns import (
 )
 from ..protocol import default_socket
 from ..service.daemon import MountConfig, add_mount_options, config_from_args, start_detached
+from .plot import add_plot_option, plotted
 
 KSFT_SKIP = 4
 """kselftest's "skipped" status: what the kernel's SGX scripts exit with when not root."""
@@ -52,6 +53,7 @@ CONTAINER_SOCKET = "/run/epcfs/sgx_enclave"
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_mount_options(p)
+    add_plot_option(p)
     p.add_argument("--rootfs", metavar="DIR", default=None,
                    help="run CMD in a container (bubblewrap: new mount, pid, uts and ipc "
                         "namespaces) whose root is DIR (see scripts/make-rootfs)")
@@ -81,22 +83,27 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_in_epcfs(args: argparse.Namespace, command: Sequence[str], *, cwd: str | None = None,
-                 path_prefix: str | None = None) -> int:
+                 path_prefix: str | None = None, runner=None,
+                 marks: Sequence[tuple[float, str]] = ()) -> int:
     """Mount epcfs at /sys/fs/cgroup in a new mount namespace, run `command`, tear down.
 
     `path_prefix` goes first on CMD's PATH (selftest's stand-ins for host-changing tools).
+    `runner(command, socket, env=…, cwd=…)` runs it instead of `call` (selftest's output
+    pump); `marks`, (wall time, line) pairs of CMD's output, label --plot's figure.
     """
     if os.geteuid() != 0:
         print("epcfs: needs root (it creates a mount namespace): skipping", file=sys.stderr)
         return KSFT_SKIP
     try:
-        with private_epcfs(args) as cfg:
+        with plotted(args, marks) as trace, private_epcfs(args, trace) as cfg:
             env = dict(os.environ, EPCFS_SOCKET=cfg.enclave_socket)
             # This interpreter's scripts (test_sgx, epcfs) first: `.venv/bin/epcfs run --
             # test_sgx` finds them without an activated venv.
             prefix = [p for p in (path_prefix, os.path.dirname(sys.executable)) if p]
             env["PATH"] = ":".join([*prefix, env.get("PATH", "/usr/bin:/bin")])
             try:
+                if runner is not None:
+                    return runner(command, cfg.enclave_socket, env=env, cwd=cwd)
                 return call(command, env=env, cwd=cwd)
             except OSError as e:
                 print(f"epcfs run: {command[0]}: {e.strerror}", file=sys.stderr)
@@ -111,7 +118,7 @@ class DaemonFailed(RuntimeError):
 
 
 @contextlib.contextmanager
-def private_epcfs(args: argparse.Namespace) -> Iterator[MountConfig]:
+def private_epcfs(args: argparse.Namespace, trace: str | None = None) -> Iterator[MountConfig]:
     """Enter a new mount namespace with epcfs at /sys/fs/cgroup (shown as cgroup2 in
     /proc/mounts) and a private enclave socket; on exit the daemon unmounts and the
     private directory goes. Everything happens in this namespace only."""
@@ -119,6 +126,8 @@ def private_epcfs(args: argparse.Namespace) -> Iterator[MountConfig]:
     workdir = tempfile.mkdtemp(prefix="epcfs-run-")
     try:
         cfg = config_from_args(args, CGROUP_ROOT)
+        if trace:
+            cfg.trace = os.path.abspath(trace)
         cfg.enclave_socket = os.path.join(workdir, "sgx_enclave")
         try:
             daemon = start_detached(cfg)
@@ -195,6 +204,10 @@ def run_in_container(args: argparse.Namespace, command: Sequence[str]) -> int:
         print(f"epcfs run: {args.rootfs}: not a directory", file=sys.stderr)
         return 1
     rootfs = os.path.abspath(args.rootfs)
+    if args.attach and (args.plot or args.trace):
+        print("epcfs run: --plot and --trace need a daemon of its own, not --attach",
+              file=sys.stderr)
+        return 2
     if args.attach:
         cgroupfs = os.path.abspath(args.attach)
         if not any(os.path.exists(os.path.join(cgroupfs, *sub, "misc.capacity"))
@@ -204,7 +217,7 @@ def run_in_container(args: argparse.Namespace, command: Sequence[str]) -> int:
         return _contain(args, rootfs, cgroupfs,
                         args.enclave_socket or default_socket(cgroupfs), command)
     try:
-        with private_epcfs(args) as cfg:
+        with plotted(args, ()) as trace, private_epcfs(args, trace) as cfg:
             return _contain(args, rootfs, CGROUP_ROOT, cfg.enclave_socket, command)
     except DaemonFailed as e:
         print(f"epcfs run: {e}", file=sys.stderr)

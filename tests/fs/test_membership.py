@@ -162,25 +162,27 @@ def test_a_double_forked_grandchilds_enclave_is_charged_to_its_cgroup(mounted, m
 # -- the mirror's life (cgroup mode) -----------------------------------------------------
 
 
-def mirrors() -> set[str]:
-    """The cgroup mirrors below this test's own cgroup (where a daemon it starts puts
-    its mirror)."""
+def mirrors(*daemons) -> set[str]:
+    """The cgroup mirrors of `daemons` below this test's own cgroup (where a daemon it
+    starts puts its mirror). Named by pid: other test runs' daemons may come and go in
+    the same cgroup meanwhile."""
     from epcfs.host.mirror import own_cgroup_dir
 
     directory, _ = own_cgroup_dir()
-    return {name for name in os.listdir(directory) if name.startswith("epcfs-")}
+    ns = os.stat("/proc/self/ns/pid").st_ino
+    prefixes = tuple(f"epcfs-{ns}-{d.proc.pid}-" for d in daemons)
+    return {name for name in os.listdir(directory) if name.startswith(prefixes)}
 
 
 def test_unmount_removes_the_mirror_and_frees_its_processes(mount_epcfs, marker):
-    before = mirrors()
     daemon = mount_epcfs("--membership", "cgroup")
-    (new,) = mirrors() - before
+    (new,) = mirrors(daemon)
     (daemon.path / "a").mkdir()
     (daemon.path / "a" / "b").mkdir()
     assert sh(double_forks(daemon.path / "a" / "b", 3, marker)).ok
     assert write(daemon.path / "a" / "cgroup.freeze", "1") == 0
     assert daemon.stop() == 0
-    assert mirrors() == before
+    assert not mirrors(daemon)
     left = marked(marker)
     assert len(left) == 3  # still running, thawed, back in the daemon's cgroup
     for pid in left:
@@ -189,20 +191,56 @@ def test_unmount_removes_the_mirror_and_frees_its_processes(mount_epcfs, marker)
 
 
 def test_the_next_start_removes_a_killed_daemons_mirror(mount_epcfs, marker):
-    before = mirrors()
     daemon = mount_epcfs("--membership", "cgroup")
-    (stale,) = mirrors() - before
+    (stale,) = mirrors(daemon)
     (daemon.path / "a").mkdir()
     assert sh(double_forks(daemon.path / "a", 3, marker)).ok
     daemon.proc.kill()
     daemon.proc.wait()
-    assert stale in mirrors()  # SIGKILL: nothing ran
+    assert mirrors(daemon) == {stale}  # SIGKILL: nothing ran
     again = mount_epcfs("--membership", "cgroup")
-    assert stale not in mirrors()
+    assert not mirrors(daemon)
     assert "removing the cgroup mirror a killed daemon left" in again.log.read_text()
     assert len(marked(marker)) == 3
     again.stop()
-    assert mirrors() == before
+    assert not mirrors(again)
+
+
+def _pid_namespace_of_a_sleeper() -> tuple[subprocess.Popen, int, int]:
+    """A process alone in a new pid namespace: (unshare, the process, the namespace's
+    inode)."""
+    p = subprocess.Popen(["unshare", "--pid", "--fork", "--kill-child", "sleep", "60"])
+    children = Path(f"/proc/{p.pid}/task/{p.pid}/children")
+    wait_for(lambda: children.read_text().split())
+    child = int(children.read_text().split()[0])
+    return p, child, os.stat(f"/proc/{child}/ns/pid").st_ino
+
+
+@pytest.mark.skipif(os.stat("/proc/self/ns/pid").st_ino != 0xEFFFFFFC,
+                    reason="only the initial pid namespace sees every other")
+def test_a_mirror_of_a_dead_pid_namespace_is_removed_and_a_live_ones_kept(mount_epcfs):
+    from epcfs.host.mirror import own_cgroup_dir
+
+    directory, _ = own_cgroup_dir()
+    dead, dead_child, dead_ns = _pid_namespace_of_a_sleeper()
+    live, _, live_ns = _pid_namespace_of_a_sleeper()
+    dead.kill()
+    dead.wait()
+    wait_for(lambda: not os.path.exists(f"/proc/{dead_child}"))
+    gone = Path(directory, f"epcfs-{dead_ns}-3-1")
+    kept = Path(directory, f"epcfs-{live_ns}-3-1")
+    try:
+        gone.mkdir()
+        kept.mkdir()
+        mount_epcfs("--membership", "cgroup").stop()
+        assert not gone.exists()
+        assert kept.exists()  # its namespace still has a process: maybe its daemon
+    finally:
+        live.kill()
+        live.wait()
+        for d in (gone, kept):
+            with contextlib.suppress(FileNotFoundError):
+                d.rmdir()
 
 
 @pytest.mark.parametrize("mode", MODES)
