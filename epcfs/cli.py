@@ -28,12 +28,23 @@ def build_parser() -> argparse.ArgumentParser:
         prog="epcfs",
         description="A cgroup v2 filesystem whose misc controller carries a simulated SGX EPC.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, module, summary in SUBCOMMANDS:
         p = sub.add_parser(name, help=summary, description=summary)
         p.set_defaults(module=module)
         importlib.import_module(module).add_arguments(p)
     return parser
+
+
+def _version() -> str:
+    """The installed distribution's version (pyproject.toml's, via the editable install)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("epcfs")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -261,8 +261,111 @@ def test_detached_mount_on_a_missing_directory_fails(daemons, tmp_path):
     path = tmp_path / "absent"
     result = daemons.detached(path)
     assert result.returncode != 0
-    assert str(path) in result.stderr
+    assert f"{path}: No such file or directory" in result.stderr
     assert not path.exists()
+
+
+# One daemon per mountpoint and per socket ----------------------------------------------------
+
+
+def connects(sock: Path) -> bool:
+    import socket
+
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as s:
+        try:
+            s.connect(str(sock))
+        except OSError:
+            return False
+    return True
+
+
+def test_a_second_mount_on_a_live_epcfs_is_refused(daemons, tmp_path):
+    path = daemons.mountpoint()
+    sock = tmp_path / "encl.sock"
+    first = daemons.foreground(path, "--capacity", "64M", "--enclave-socket", str(sock))
+    for attempt in (daemons.detached(path, "--capacity", "1G"),
+                    daemons.detached(path, "--enclave-socket", str(tmp_path / "other.sock"))):
+        assert attempt.returncode == 1
+        assert "a live epcfs daemon already serves it" in attempt.stderr
+        assert "Traceback" not in attempt.stderr
+    assert mounts_at(path) == 1
+    assert read_capacity(path) == f"sgx_epc {64 * MiB}\n"
+    assert connects(sock)
+    first.send_signal(signal.SIGTERM)
+    assert first.wait(TIMEOUT) == 0
+    assert not sock.exists()
+
+
+def test_a_second_daemon_never_takes_or_unlinks_a_live_socket(daemons, tmp_path):
+    sock = tmp_path / "encl.sock"
+    daemons.foreground(daemons.mountpoint(), "--enclave-socket", str(sock))
+    other = daemons.mountpoint()
+    result = daemons.detached(other, "--enclave-socket", str(sock))
+    assert result.returncode == 1
+    assert "another epcfs daemon is serving it" in result.stderr
+    assert mounts_at(other) == 0
+    assert connects(sock), "the first daemon's socket is gone"
+
+
+def test_a_socket_inside_the_mountpoint_is_refused(daemons):
+    path = daemons.mountpoint()
+    result = daemons.detached(path, "--enclave-socket", str(path / "sockets/x.sock"))
+    assert result.returncode == 1
+    assert "inside the mountpoint" in result.stderr
+    assert mounts_at(path) == 0
+
+
+def test_the_socket_mode_follows_the_sgx_device(daemons, tmp_path):
+    """0660 and group sgx where that group exists (Debian's udev rule), else 0600;
+    --socket-mode adds bits."""
+    import grp
+    import stat
+
+    try:
+        gid = grp.getgrnam("sgx").gr_gid
+    except KeyError:
+        gid = None
+    plain, wide = tmp_path / "plain.sock", tmp_path / "wide.sock"
+    daemons.foreground(daemons.mountpoint(), "--enclave-socket", str(plain))
+    daemons.foreground(daemons.mountpoint(), "--enclave-socket", str(wide),
+                       "--socket-mode", "0666")
+    st = plain.stat()
+    assert stat.S_IMODE(st.st_mode) == (0o600 if gid is None else 0o660)
+    if gid is not None:
+        assert st.st_gid == gid
+    assert stat.S_IMODE(wide.stat().st_mode) == 0o666
+
+
+# The log and the pid file of a detached daemon ------------------------------------------------
+
+
+def test_a_detached_daemon_logs_to_its_file_and_writes_its_pidfile(daemons, tmp_path):
+    path = daemons.mountpoint()
+    log, pidfile = tmp_path / "epcfs.log", tmp_path / "epcfs.pid"
+    result = daemons.detached(path, "--log", str(log), "--pidfile", str(pidfile))
+    assert result.returncode == 0, result.stderr
+    [pid] = daemon_pids(path)
+    assert pidfile.read_text() == f"{pid}\n"
+    os.kill(pid, signal.SIGTERM)
+    wait_until(lambda: is_gone(pid), f"pid {pid} exits")
+    assert "unmounting" in log.read_text()  # logged after detaching: kept
+    assert not pidfile.exists()
+
+
+def test_a_detached_daemon_logs_under_run_epcfs_by_default(daemons):
+    from epcfs.service.daemon import default_log
+
+    path = daemons.mountpoint()
+    log = Path(default_log(str(path)))
+    try:
+        assert daemons.detached(path).returncode == 0
+        [pid] = daemon_pids(path)
+        os.kill(pid, signal.SIGTERM)
+        wait_until(lambda: is_gone(pid), f"pid {pid} exits")
+        assert log.parent == Path("/run/epcfs/log")
+        assert "unmounting" in log.read_text()
+    finally:
+        log.unlink(missing_ok=True)
 
 
 # The command line ---------------------------------------------------------------------------
@@ -321,6 +424,41 @@ def test_a_bad_size_is_a_usage_error(tmp_path):
     assert mounts_at(tmp_path) == 0
 
 
+@pytest.mark.parametrize("argv", [
+    ["--capacity", "0"], ["--capacity", "100"], ["--capacity", "4097"], ["--capacity", "-1"],
+    ["--capacity", "²"], ["--epc-section", "0:4097"], ["--epc-section", "0:0"],
+    ["--socket-mode", "999"], ["--time-scale", "nan"], ["--time-scale", "-1"],
+    ["--time-scale", "inf"], ["--root-controllers", "cpu"],
+])
+def test_a_bad_mount_option_is_a_usage_error(tmp_path, argv):
+    result = run_cli(*EPCFS, "mount", *argv, str(tmp_path))
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert "error: argument" in result.stderr
+    assert mounts_at(tmp_path) == 0
+
+
+def test_version_and_python_m_epcfs():
+    from importlib.metadata import version
+
+    for argv in (EPCFS, [sys.executable, "-m", "epcfs"]):
+        result = run_cli(*argv, "--version")
+        assert result.returncode == 0, result.stderr
+        assert result.stdout == f"epcfs {version('epcfs')}\n"
+
+
+@pytest.mark.parametrize("command", [["run", "--", "true"], ["selftest", "/dev/null"]])
+def test_run_and_selftest_without_root_skip_with_4(command, tmp_path):
+    """As the kernel's SGX scripts do: kselftest's KSFT_SKIP and one clear line."""
+    script = tmp_path / "run_epc_cg_selftests.sh"
+    script.write_text("#!/bin/sh\nexit 0\n")
+    argv = [*command[:-1], str(script)] if command[0] == "selftest" else command
+    result = run_cli("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                     *EPCFS, *argv)
+    assert result.returncode == 4, result.stderr
+    assert "needs root" in result.stderr and "Traceback" not in result.stderr
+
+
 # The bootstrap contract -------------------------------------------------------------------
 
 
@@ -351,3 +489,15 @@ def test_the_demo_runs_and_leaves_nothing_behind():
     assert "epcfs exited with status 0" in result.stdout
     assert "# scenario passed" in result.stdout
     assert mounts_at(Path("/sys/fs/cgroup")) == before, "the host's /sys/fs/cgroup changed"
+
+
+def test_run_finds_test_sgx_without_an_activated_venv():
+    """`.venv/bin/epcfs run -- test_sgx` said `test_sgx: No such file or directory`: CMD's
+    PATH now starts with the directory of epcfs's own scripts."""
+    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root"}
+    result = subprocess.run([str(BIN / "epcfs"), "run", "--capacity", "8M", "--", "test_sgx",
+                             "-l"], capture_output=True, text=True, timeout=60, env=env,
+                            stdin=subprocess.DEVNULL)
+    # The kselftest harness lists its tests with -l on stderr and exits 4, as test_sgx.
+    assert "unclobbered_vdso" in result.stdout + result.stderr, result.stderr
+    assert "No such file or directory" not in result.stderr

@@ -33,7 +33,7 @@ import trio
 from ..model.cgroup import Cgroup
 from ..model.constants import PAGE_SIZE
 from ..model.errors import KernelError
-from .cftype import Caller, CfType, Context
+from .cftype import Caller, CfType, Context, Where
 from .core_files import CORE_FILES
 from .memory_files import MEMORY_FILES
 from .misc_files import MISC_FILES
@@ -167,6 +167,12 @@ class CgroupFs(pyfuse3.Operations):
         for c in self.contexts.values():
             c.may_write_procs = self._may_write_procs
         self.tables = V1_TABLES if v1 else TABLES
+        for c in self.contexts.values():
+            for table in self.tables:
+                for controller in {cft.controller for cft in table} - {None}:
+                    c.hierarchy.add_cftypes(controller, frozenset(
+                        cft.name for cft in table
+                        if cft.controller == controller and cft.where is not Where.ROOT))
         self.nodes: dict[int, Node] = {}
         self.by_key: dict[tuple[Cgroup, str | None], Node] = {}
         self.owners: dict[tuple[Cgroup, str | None], tuple[int, int]] = {}
@@ -454,8 +460,10 @@ class CgroupFs(pyfuse3.Operations):
         raise pyfuse3.FUSEError(errno.EACCES)  # kernfs dirs have no ->create
 
     async def mknod(self, parent_inode, name, mode, rdev, ctx):
+        """FUSE sends a regular file's mknod(2) here too (fuse_create): the VFS gives
+        that EACCES on kernfs (no ->create), any other node type EPERM (no ->mknod)."""
         self._check_top(self._get(parent_inode))
-        raise pyfuse3.FUSEError(errno.EPERM)
+        raise pyfuse3.FUSEError(errno.EACCES if stat.S_ISREG(mode) else errno.EPERM)
 
     async def symlink(self, parent_inode, name, target, ctx):
         self._check_top(self._get(parent_inode))

@@ -148,6 +148,8 @@ class Hierarchy:
         self.dying: set[Cgroup] = set()
         self.lingering: set[MiscCss | MemCss] = set()
         self.declared: dict[int, Counter[MemCss]] = {}
+        self.cftype_names: dict[str, frozenset[str]] = {}
+        """Each controller's interface-file names in non-root cgroups (add_cftypes)."""
         """Memory each process declared (declare_memory), by the memcg it was charged to."""
         self.misc_release_hooks: list[Callable[[MiscCss], None]] = []
         """Called with a misc css just before it is unlinked for good (its last charge is
@@ -211,11 +213,17 @@ class Hierarchy:
 
     # -- controllers ---------------------------------------------------------------
 
+    def add_cftypes(self, controller: str, names: frozenset[str]) -> None:
+        """cgroup_add_dfl_cftypes: the file names `controller` creates in each non-root
+        cgroup where it is enabled (enabling it where a child cgroup is so named fails)."""
+        self.cftype_names[controller] = self.cftype_names.get(controller, frozenset()) | names
+
     def write_subtree_control(self, cg: Cgroup, text: str) -> None:
-        """cgroup_subtree_control_write, token rules and errnos in the kernel's order."""
+        """cgroup_subtree_control_write, token rules and errnos in the kernel's order.
+        `text` is already strstrip()ped: tokens split at single spaces, nothing else."""
         enable: set[str] = set()
         disable: set[str] = set()
-        for tok in text.strip().split(" "):
+        for tok in text.split(" "):
             if not tok:
                 continue
             if tok[1:] not in CONTROLLERS or tok[0] not in "+-":
@@ -238,6 +246,13 @@ class Hierarchy:
             return
         if enable and not cg.is_root and cg.procs:
             raise KernelError(errno.EBUSY, f"{cg.path} has processes")
+        # cgroup_apply_control: css_populate_dir meets a name taken by a grandchild
+        # cgroup (kernfs_add_one's EEXIST), and cgroup_restore_control undoes it all.
+        for name in enable:
+            for child in cg.children.values():
+                if self.cftype_names.get(name, frozenset()) & child.children.keys():
+                    raise KernelError(errno.EEXIST, f"a cgroup in {child.path} is named "
+                                                    f"like a {name} file")
         cg.subtree_control = (cg.subtree_control | enable) - disable
         for child in cg.children.values():
             for name in enable:

@@ -19,8 +19,10 @@ import sys
 from dataclasses import dataclass
 
 from ..host.membership import MODES as MEMBERSHIP_MODES
+from ..model.cgroup import CONTROLLERS
 from ..model.constants import SGX_MAX_EPC_SECTIONS
-from ..units import parse_size
+from ..protocol import default_socket
+from ..units import parse_nonnegative, parse_pages
 from .timing import DEFAULT_SCALE
 
 log = logging.getLogger("epcfs")
@@ -30,6 +32,10 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 FILE_SIZES = ("auto", "zero", "content")
 """--file-size choices; see MountConfig.file_size."""
+
+LOG_DIR = "/run/epcfs/log"
+"""Where a detached daemon logs by default: beside the sockets (protocol.SOCKET_DIR),
+out of any mountpoint, and gone at reboot with the mounts it describes."""
 
 DEFAULT_CAPACITY = 128 << 20
 """128 MiB of EPC: what many SGX1 client parts shipped with, and quick to simulate."""
@@ -60,6 +66,13 @@ class MountConfig:
     membership: str = "auto"
     """Who tracks which process is in which cgroup (MEMBERSHIP_MODES): "cgroup",
     the kernel in a mirror of the tree; "events", fork events; "auto": cgroup if it can."""
+    socket_mode: int | None = None
+    """Permission bits added to the enclave socket's 0660 (group sgx) or 0600."""
+    log_file: str | None = None
+    """Where stderr (every log line) goes: from the start in the foreground, once mounted
+    when detached. None: stays on stderr in the foreground, /dev/null when detached."""
+    pidfile: str | None = None
+    """A file holding the serving daemon's pid while it serves."""
     foreground: bool = False
     debug: bool = False
     fuse_debug: bool = False
@@ -70,23 +83,31 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-f", "--foreground", action="store_true",
                    help="stay attached to the terminal instead of detaching once mounted")
     p.add_argument("-d", "--debug", action="store_true", help="log every request (implies -f)")
+    p.add_argument("--log", metavar="FILE", default=None,
+                   help="append log lines to FILE (default: stderr with -f, else "
+                        f"{LOG_DIR}/<mountpoint with - for />.log)")
+    p.add_argument("--pidfile", metavar="FILE", default=None,
+                   help="write the daemon's pid to FILE while it serves")
+    p.add_argument("--socket-mode", type=parse_mode, default=None, metavar="OCTAL",
+                   help="permission bits added to the enclave socket's (default 0660 and "
+                        "group sgx if that group exists, else 0600; 0666: any local user)")
     add_mount_options(p)
 
 
 def add_mount_options(p: argparse.ArgumentParser) -> None:
     """What the simulated machine looks like; shared by mount, run and selftest."""
-    p.add_argument("--capacity", type=parse_size, default=None, metavar="SIZE",
+    p.add_argument("--capacity", type=parse_pages, default=None, metavar="SIZE",
                    help="total EPC size, with K/M/G suffix (default 128M), as one section "
                         "on node 0")
     p.add_argument("--epc-section", type=parse_section, action="append", default=None,
                    metavar="NODE:SIZE", dest="epc_sections",
                    help="an EPC section of SIZE bytes on NUMA node NODE (repeatable, at most "
                         "8); the capacity is their sum")
-    p.add_argument("--time-scale", type=float, default=None, metavar="X",
+    p.add_argument("--time-scale", type=parse_nonnegative, default=None, metavar="X",
                    help=f"wall seconds per simulated second of SGX work (default "
                         f"{DEFAULT_SCALE:g}: the selftests' runs take realistic seconds at "
                         "128M; 0: as fast as possible)")
-    p.add_argument("--root-controllers", metavar="LIST", default=None,
+    p.add_argument("--root-controllers", type=parse_controllers, metavar="LIST", default=None,
                    help="controllers enabled in the root's cgroup.subtree_control at mount, "
                         "as a booted host's init system leaves them (default \"memory misc\"; "
                         "\"\" for a bare kernel mount; unused with --cgroup-version 1)")
@@ -100,7 +121,7 @@ def add_mount_options(p: argparse.ArgumentParser) -> None:
                         "such as busybox cat; auto (default): content only on such a kernel")
     p.add_argument("--enclave-socket", metavar="PATH", default=None,
                    help="where the simulated /dev/sgx_enclave listens (default: "
-                        "/run/epcfs/<mountpoint>.sock; clients use $EPCFS_SOCKET or that)")
+                        "/run/epcfs/sockets/<mountpoint>.sock; clients use $EPCFS_SOCKET or that)")
     p.add_argument("--trace", metavar="FILE", default=None,
                    help="write a Chrome trace-event file (ui.perfetto.dev, chrome://tracing) "
                         "of EPC use, reclaim and failures per cgroup, as it happens")
@@ -111,16 +132,32 @@ def add_mount_options(p: argparse.ArgumentParser) -> None:
                         "(default): cgroup where it works")
 
 
+def parse_controllers(text: str) -> str:
+    """A space-separated list of controller names epcfs has (memory, misc), or ""."""
+    unknown = [name for name in text.split(" ") if name and name not in CONTROLLERS]
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"no such controller: {unknown[0]!r} (epcfs has {' '.join(CONTROLLERS)})")
+    return text
+
+
+def parse_mode(text: str) -> int:
+    """`0666` -> 0o666: permission bits, octal, no file type or setuid bits."""
+    try:
+        mode = int(text, 8)
+    except ValueError:
+        mode = -1
+    if not 0 <= mode <= 0o777:
+        raise argparse.ArgumentTypeError(f"not an octal mode: {text!r} (e.g. 0666)")
+    return mode
+
+
 def parse_section(text: str) -> tuple[int, int]:
     """`NODE:SIZE` -> (node, bytes): a whole number of 4 KiB pages, at least one."""
     node, colon, size = text.partition(":")
-    if not colon or not node.isdigit():
+    if not colon or not (node.isascii() and node.isdigit()):
         raise argparse.ArgumentTypeError(f"not NODE:SIZE: {text!r} (e.g. 0:64M)")
-    nbytes = parse_size(size)
-    if nbytes <= 0 or nbytes % 4096:
-        raise argparse.ArgumentTypeError(f"section size must be a positive multiple of 4K: "
-                                         f"{text!r}")
-    return int(node), nbytes
+    return int(node), parse_pages(size)
 
 
 def _capacity(args: argparse.Namespace) -> tuple[int, list[tuple[int, int]] | None]:
@@ -155,6 +192,9 @@ def config_from_args(args: argparse.Namespace, mountpoint: str) -> MountConfig:
         membership=getattr(args, "membership", None) or MountConfig.membership,
         foreground=getattr(args, "foreground", False) or getattr(args, "debug", False),
         debug=getattr(args, "debug", False),
+        socket_mode=getattr(args, "socket_mode", None),
+        log_file=getattr(args, "log", None),
+        pidfile=getattr(args, "pidfile", None),
     )
 
 
@@ -167,18 +207,67 @@ def run(args: argparse.Namespace) -> int:
     # A stale mount fails stat() once the kernel's attribute cache expires: lift it first.
     with contextlib.suppress(OSError):
         clear_stale_mount(cfg.mountpoint)
-    if not os.path.isdir(cfg.mountpoint):
-        print(f"epcfs: {cfg.mountpoint}: not a directory", file=sys.stderr)
+    problem = mountpoint_problem(cfg)
+    if problem:
+        print(f"epcfs: {problem}", file=sys.stderr)
         return 1
     if cfg.foreground:
         clear_stale_mount(cfg.mountpoint)
-        return serve(cfg, ready=notify_systemd)
+        if cfg.log_file:
+            redirect_stderr(cfg.log_file)
+        return serve(cfg, ready=lambda: notify_systemd("READY=1", "STATUS=serving"))
+    if cfg.log_file is None:
+        cfg.log_file = default_log(cfg.mountpoint)
     try:
         start_detached(cfg)
     except RuntimeError as e:
         print(f"epcfs: {e}", file=sys.stderr)
         return 1
     return 0
+
+
+def mountpoint_problem(cfg: MountConfig) -> str | None:
+    """Why epcfs must not mount at cfg.mountpoint, in one line; None if it may."""
+    if not os.path.exists(cfg.mountpoint):
+        return f"{cfg.mountpoint}: No such file or directory"
+    if not os.path.isdir(cfg.mountpoint):
+        return f"{cfg.mountpoint}: Not a directory"
+    if live_epcfs_at(cfg.mountpoint):
+        return (f"{cfg.mountpoint}: a live epcfs daemon already serves it (stop that one "
+                "first; a second one would hide it)")
+    socket_path = cfg.enclave_socket or default_socket(cfg.mountpoint)
+    inside = os.path.commonpath([cfg.mountpoint, os.path.abspath(socket_path)])
+    if inside == cfg.mountpoint:
+        return (f"the enclave socket {socket_path} would lie inside the mountpoint "
+                f"{cfg.mountpoint}: choose another --enclave-socket or mountpoint")
+    return None
+
+
+def live_epcfs_at(mountpoint: str) -> bool:
+    """Whether an epcfs mount sits at `mountpoint` (a stale one is cleared before this
+    is asked, so one that is listed is served)."""
+    target = os.fsencode(os.path.realpath(mountpoint))
+    with open("/proc/self/mountinfo", "rb") as f:
+        for line in f:
+            fields, _, tail = line.partition(b" - ")
+            point = fields.split()[4].decode("unicode_escape").encode("latin-1")
+            if point == target and tail.split()[0] == b"fuse.epcfs":
+                return True
+    return False
+
+
+def default_log(mountpoint: str) -> str:
+    """Where a detached daemon logs unless told: beside the sockets, never in a mount."""
+    escaped = os.path.abspath(mountpoint).strip("/").replace("/", "-") or "-"
+    return os.path.join(LOG_DIR, f"{escaped}.log")
+
+
+def redirect_stderr(path: str) -> None:
+    """Send fd 2 (log lines, and any traceback) to the end of `path`."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+    os.dup2(fd, 2)
+    os.close(fd)
 
 
 def clear_stale_mount(mountpoint: str) -> None:
@@ -225,14 +314,17 @@ def start_detached(cfg: MountConfig) -> int:
     def ready() -> None:
         os.write(wfd, b"1")
         os.close(wfd)
-        if not cfg.debug:
+        if cfg.log_file:
+            redirect_stderr(cfg.log_file)
+        elif not cfg.debug:
             os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
 
     os._exit(serve(cfg, ready))
 
 
-def notify_systemd() -> None:
-    """sd_notify(READY=1) when started by systemd with Type=notify; a no-op otherwise."""
+def notify_systemd(*fields: str) -> None:
+    """sd_notify(`fields`, MAINPID) when started by systemd with Type=notify (READY=1,
+    STOPPING=1, STATUS=…); a no-op otherwise, and never an error: systemd may be gone."""
     address = os.environ.get("NOTIFY_SOCKET")
     if not address:
         return
@@ -241,25 +333,42 @@ def notify_systemd() -> None:
     if address.startswith("@"):
         address = "\0" + address[1:]
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
-        s.connect(address)
-        s.sendall(f"READY=1\nMAINPID={os.getpid()}\n".encode())
+        try:
+            s.connect(address)
+            s.sendall("\n".join([*fields, f"MAINPID={os.getpid()}", ""]).encode())
+        except OSError as e:
+            log.warning("cannot notify systemd at %s: %s", address, e.strerror)
 
 
 def serve(cfg: MountConfig, ready) -> int:
     """Mount, run every task until SIGTERM/SIGINT or an unmount, then unmount cleanly."""
-    import pyfuse3
-    import trio
+    from .enclave_socket import EnclaveSocket, SocketBusy
 
-    from ..fs import loop as fuse_loop
+    # The socket is bound before the mount exists: nothing the daemon does may touch its
+    # own mount before the FUSE loop serves it, or it waits on itself in the kernel. And
+    # first of all: a second daemon for the same socket leaves before it makes anything.
+    enclave_socket = EnclaveSocket(
+        os.path.abspath(cfg.enclave_socket or default_socket(cfg.mountpoint)), cfg.socket_mode)
+    try:
+        listening = enclave_socket.open()
+    except (SocketBusy, OSError) as e:
+        log.error("cannot listen on the enclave socket: %s", e)
+        return 1
+    try:
+        return _build_and_serve(cfg, ready, listening)
+    finally:
+        enclave_socket.close()
+
+
+def _build_and_serve(cfg: MountConfig, ready, listening) -> int:
+    """The simulated machine and its trackers, then _serve."""
     from ..fs.cftype import Context
     from ..fs.ops import CgroupFs
     from ..host.membership import LegacyTrackers, open_tracker
     from ..model.cgroup import Hierarchy
     from ..model.sgx import Sgx
-    from ..protocol import default_socket
     from .enclave_server import EnclaveServer
     from .reclaimers import Reclaimers
-    from .registry import registered
     from .steps import Stepper
     from .trace import ChromeTrace
 
@@ -298,23 +407,54 @@ def serve(cfg: MountConfig, ready) -> int:
             return 1
     reclaimers = Reclaimers(sgx, steps)
     server = EnclaveServer(sgx, tracker, sections, steps)
-    socket_path = cfg.enclave_socket or default_socket(cfg.mountpoint)
+    with pidfile(cfg.pidfile):
+        return _serve(cfg, ready, fs, tracker, reclaimers, server, listening)
+
+
+@contextlib.contextmanager
+def pidfile(path: str | None):
+    """`path` holds our pid while the block runs (nothing if None)."""
+    if path is None:
+        yield
+        return
+    with open(path, "w") as f:
+        f.write(f"{os.getpid()}\n")
+    try:
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+
+def _serve(cfg: MountConfig, ready, fs, tracker, reclaimers, server, listening) -> int:
+    """Mount and run the trio loop until stopped; unmount."""
+    import pyfuse3
+    import trio
+
+    from ..fs import loop as fuse_loop
+    from .registry import registered
+
     options = set(pyfuse3.default_options)
     options |= {"fsname=epcfs", "subtype=epcfs", "allow_other"}
     if cfg.fuse_debug:
         options.add("debug")
-    pyfuse3.init(fs, cfg.mountpoint, options)
+    try:
+        pyfuse3.init(fs, cfg.mountpoint, options)
+    except RuntimeError as e:  # fuse_session_mount failed; libfuse said why on stderr
+        log.error("cannot mount at %s: %s", cfg.mountpoint, e)
+        tracker.close()
+        return 1
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_signals, nursery)
             nursery.start_soon(tracker.run)
             nursery.start_soon(reclaimers.run)
-            nursery.start_soon(steps.tracer.run, sgx)
-            await nursery.start(server.serve, socket_path)
+            nursery.start_soon(server.steps.tracer.run, server.sgx)
+            await nursery.start(server.serve, listening)
             nursery.start_soon(_announce_ready, capacity_file(cfg), ready,
                                fs if cfg.file_size == "auto" else None)
-            with registered(cfg.mountpoint, socket_path):
+            with registered(cfg.mountpoint, listening.getsockname()):
                 await fuse_loop.main()
             nursery.cancel_scope.cancel()
 
@@ -322,6 +462,7 @@ def serve(cfg: MountConfig, ready) -> int:
         with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
             async for signum in signals:
                 log.info("signal %d: unmounting", signum)
+                notify_systemd("STOPPING=1", f"STATUS=unmounting (signal {signum})")
                 pyfuse3.terminate()
 
     status = 0
@@ -337,7 +478,7 @@ def serve(cfg: MountConfig, ready) -> int:
             signal.signal(signum, signal.SIG_IGN)
         pyfuse3.close(unmount=True)
         tracker.close()
-        steps.tracer.close()
+        server.steps.tracer.close()
     return status
 
 

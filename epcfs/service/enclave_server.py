@@ -26,7 +26,8 @@ from ..model.enclave import Enclave, Vepc
 from ..model.engine import Steps
 from ..model.errors import KernelError
 from ..model.sgx import Fault, Sgx
-from ..protocol import MAX_MESSAGE, OPS, decode, encode
+from ..protocol import MAX_MESSAGE, Malformed, check, decode, encode
+from .complaints import Complaints
 from .steps import Stepper
 
 log = logging.getLogger(__name__)
@@ -83,25 +84,18 @@ class EnclaveServer:
         self.tracker = tracker
         self.sections = sections
         self.steps = steps
+        self.complaints = Complaints(log)
 
-    async def serve(self, path: str, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        if os.path.exists(path):
-            os.unlink(path)
-        listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        await listener.bind(path)
-        os.chmod(path, 0o666)  # like /dev/sgx_enclave: access is the cgroup's business
-        listener.listen(128)
+    async def serve(self, listening: socket.socket, *,
+                    task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Serve connections on `listening`, a bound, listening SOCK_SEQPACKET socket
+        (an EnclaveSocket's: bound before the mount exists, see daemon.serve)."""
+        listener = trio.socket.from_stdlib_socket(listening)
         task_status.started()
-        try:
-            async with trio.open_nursery() as nursery:
-                while True:
-                    sock, _ = await listener.accept()
-                    nursery.start_soon(self.connection, sock)
-        finally:
-            listener.close()
-            if os.path.exists(path):
-                os.unlink(path)
+        async with trio.open_nursery() as nursery:
+            while True:
+                sock, _ = await listener.accept()
+                nursery.start_soon(self.connection, sock)
 
     async def connection(self, sock: trio.socket.SocketType) -> None:
         with sock:
@@ -126,11 +120,12 @@ class EnclaveServer:
     async def dispatch(self, conn: Connection, data: bytes) -> dict:
         try:
             request = decode(data)
-            op = request.get("op")
-            handler = HANDLERS.get(op)
-            if handler is None or not set(OPS[op]) <= set(request):
-                return {"errno": errno.EINVAL}
-            return await handler(self, conn, request)
+            op = check(request)
+        except Malformed as e:
+            self.complaints.note(trio.current_time(), conn.pid, str(e))
+            return {"errno": e.errno}
+        try:
+            return await HANDLERS[op](self, conn, request)
         except KernelError as e:
             return {"errno": e.errno, "count": e.count}
         except (ValueError, TypeError, KeyError):

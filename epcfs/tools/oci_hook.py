@@ -38,7 +38,7 @@ from ..host.mountns import (
     SYS_OPEN_TREE,
 )
 
-DEFAULT_MOUNTPOINT = "/run/epcfs"
+DEFAULT_MOUNTPOINT = "/run/epcfs/cgroup"
 """Where systemd/epcfs.service mounts the daemon."""
 
 PARENT = "containers"

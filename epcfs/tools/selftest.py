@@ -32,7 +32,7 @@ from collections.abc import Iterator, Sequence
 
 from ..service.daemon import add_mount_options
 from .plot import add_plot_option
-from .run import run_in_epcfs
+from .run import KSFT_SKIP, run_in_epcfs
 
 STAND_INS = ("swapoff", "swapon")
 """Host-changing commands the scripts call that must not reach the host."""
@@ -40,9 +40,6 @@ STAND_INS = ("swapoff", "swapon")
 PROVIDED = ("test_sgx", "test_encl.elf")
 """Files the scripts run from their directory that need not be there: epcfs puts its own
 test_sgx in, which needs no test_encl.elf."""
-
-KSFT_SKIP = 4
-"""The kselftest framework's exit status for a skipped test."""
 
 STATUS_REFRESH = 2
 """Redraws of the status line per second."""
@@ -66,6 +63,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if os.geteuid() != 0:  # first, as the kernel's scripts check it before anything
+        print("epcfs: needs root (it creates a mount namespace): skipping", file=sys.stderr)
+        return KSFT_SKIP
     script = os.path.abspath(args.script)
     if not os.path.isfile(script):
         print(f"epcfs selftest: {args.script}: no such file", file=sys.stderr)

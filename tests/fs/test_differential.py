@@ -78,6 +78,10 @@ SCRIPT = [
     "echo abc > cgroup.max.descendants",
     "echo ' 0x10 ' > cgroup.max.depth; cat cgroup.max.depth; echo max > cgroup.max.depth",
     "echo +nosuch > cgroup.subtree_control",
+    # trimmed with the kernel's isspace set: \034 stays (EINVAL), latin-1 NBSP goes
+    "printf '+%s\\034' $C > cgroup.subtree_control; cat cgroup.subtree_control",
+    "printf '+%s\\240' $C > cgroup.subtree_control; cat cgroup.subtree_control",
+    "printf '\\013-%s\\014' $C > cgroup.subtree_control; cat cgroup.subtree_control",
     "echo $C > cgroup.subtree_control",
     'echo "+$C  -$C" > cgroup.subtree_control; cat cgroup.subtree_control',
     'echo "-$C +$C" > cgroup.subtree_control; cat cgroup.subtree_control',
@@ -94,6 +98,7 @@ SCRIPT = [
     "mv cgroup.procs p",
     "mv a b",
     "mkfifo fifo",
+    "python3 -c \"import os; os.mknod('reg', 0o100644)\" 2>&1 | tail -1",
     "ln -s x link",
     "ln cgroup.procs hard",
     "rmdir cgroup.procs",
@@ -103,6 +108,11 @@ SCRIPT = [
     "echo 1 > cgroup.max.depth; mkdir a/b; echo max > cgroup.max.depth",
     "echo 1 > cgroup.max.descendants; mkdir c; echo max > cgroup.max.descendants",
     "mkdir a/b && rmdir a; rmdir a/b",
+    # enabling a controller where a grandchild cgroup has one of its file names: EEXIST
+    # (kernfs_add_one), and nothing enabled
+    "echo +$C > cgroup.subtree_control; F=$(cd a && ls -d $C.* | tail -1); "
+    "echo -$C > cgroup.subtree_control; mkdir a/$F && echo +$C > cgroup.subtree_control; "
+    "cat cgroup.subtree_control; rmdir a/$F",
     # a process
     "echo $S > a/cgroup.procs && cat a/cgroup.procs a/cgroup.events",
     "cat cgroup.events",

@@ -315,10 +315,10 @@ def test_cdi_prints_a_spec_podman_4_3_reads_for_the_default_daemon():
     (device,) = spec["devices"]
     edits = device["containerEdits"]
     assert device["name"] == "epc" and edits["env"] == ["EPCFS_SOCKET=/run/epcfs/sgx_enclave"]
-    assert edits["mounts"][0]["hostPath"] == "/run/epcfs/run-epcfs.sock"
+    assert edits["mounts"][0]["hostPath"] == "/run/epcfs/sockets/run-epcfs-cgroup.sock"
     assert [(h["hookName"], h["args"][-3:]) for h in edits["hooks"]] == [
-        ("createRuntime", ["--mountpoint", "/run/epcfs", "createRuntime"]),
-        ("poststop", ["--mountpoint", "/run/epcfs", "poststop"])]
+        ("createRuntime", ["--mountpoint", "/run/epcfs/cgroup", "createRuntime"]),
+        ("poststop", ["--mountpoint", "/run/epcfs/cgroup", "poststop"])]
 
 
 def test_a_privileged_container_may_write_its_limits(podman):

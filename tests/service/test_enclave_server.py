@@ -18,6 +18,7 @@ from epcfs.model.invariants import check_invariants
 from epcfs.model.sgx import Sgx
 from epcfs.protocol import decode, encode
 from epcfs.service.enclave_server import EnclaveServer
+from epcfs.service.enclave_socket import EnclaveSocket
 from epcfs.service.reclaimers import Reclaimers
 from epcfs.service.steps import Stepper
 from epcfs.service.timing import COST_US
@@ -60,7 +61,7 @@ class Rig:
     async def start(self, nursery: trio.Nursery, *, sanitize: bool = True) -> None:
         if sanitize:
             self.sgx.sanitize_all()
-        await nursery.start(self.server.serve, self.path)
+        await nursery.start(self.server.serve, EnclaveSocket(self.path).open())
         nursery.start_soon(self.reclaimers.run)
 
     async def connect(self) -> trio.socket.SocketType:
