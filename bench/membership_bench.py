@@ -51,21 +51,26 @@ def mount(mountpoint: Path, sock: Path, mode: str) -> subprocess.Popen:
     return daemon
 
 
-def procs_write(root: Path, count: int) -> float:
-    """µs per cgroup.procs write."""
+def moves(procs_files: list[Path], count: int) -> float:
+    """µs per write of a process's pid to `procs_files` in turn: a move each time."""
     sleeper = subprocess.Popen(["sleep", "600"])
-    targets = [os.fsencode(root / name / "cgroup.procs") for name in ("a", "b")]
+    targets = [os.fsencode(p) for p in procs_files]
     pid = str(sleeper.pid).encode()
     try:
         start = time.perf_counter()
         for i in range(count):
-            fd = os.open(targets[i & 1], os.O_WRONLY)
+            fd = os.open(targets[i % len(targets)], os.O_WRONLY)
             os.write(fd, pid)
             os.close(fd)
         return (time.perf_counter() - start) / count * 1e6
     finally:
         sleeper.kill()
         sleeper.wait()
+
+
+def procs_write(root: Path, count: int) -> float:
+    """µs per cgroup.procs write."""
+    return moves([root / name / "cgroup.procs" for name in ("a", "b")], count)
 
 
 def enclave_connect(root: Path, sock: Path, count: int) -> float:
@@ -95,19 +100,9 @@ def kernel_move(count: int) -> float:
     scratch = [Path(directory) / f"epcfs-bench-{os.getpid()}-{i}" for i in range(2)]
     for d in scratch:
         d.mkdir()
-    sleeper = subprocess.Popen(["sleep", "600"])
-    pid = str(sleeper.pid).encode()
     try:
-        targets = [os.fsencode(d / "cgroup.procs") for d in scratch]
-        start = time.perf_counter()
-        for i in range(count):
-            fd = os.open(targets[i & 1], os.O_WRONLY)
-            os.write(fd, pid)
-            os.close(fd)
-        return (time.perf_counter() - start) / count * 1e6
+        return moves([d / "cgroup.procs" for d in scratch], count)
     finally:
-        sleeper.kill()
-        sleeper.wait()
         for d in scratch:
             d.rmdir()
 
