@@ -52,7 +52,7 @@ class MirrorTracker(ProcessTracker):
                 raise KernelError(e.errno, f"rmdir {cg.path}") from None
         self.hierarchy.rmdir(cg)  # otherwise its errno, in the kernel's order
 
-    def kill(self, cg: Cgroup) -> None:
+    def _kill(self, cg: Cgroup) -> None:
         self.mirror.kill(cg.path)
 
     def set_freeze(self, cg: Cgroup, freeze: bool) -> None:

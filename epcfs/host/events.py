@@ -73,7 +73,7 @@ class EventTracker(ProcessTracker):
                 log.warning("proc connector unavailable (%s): fork inheritance falls back "
                             "to /proc PPid walks", e)
 
-    def kill(self, cg: Cgroup) -> None:
+    def _kill(self, cg: Cgroup) -> None:
         self.settle()
         for pid in self.hierarchy.kill_targets(cg):
             self.pidfds.signal(pid, signal.SIGKILL)

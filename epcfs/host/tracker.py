@@ -59,6 +59,9 @@ class ProcessTracker:
         self.pidfds = Pidfds()
         self.exit_hooks: list[Callable[[int], None]] = []
         """Called with each tracked pid that exits, after the model forgot it."""
+        self.kill_hooks: list[Callable[[Cgroup, list[int]], None]] = []
+        """Called with the cgroup and its member pids at each cgroup.kill, before the
+        signals go out."""
 
     # -- lookups ---------------------------------------------------------------------
 
@@ -155,6 +158,14 @@ class ProcessTracker:
 
     def kill(self, cg: Cgroup) -> None:
         """cgroup.kill: SIGKILL every process in the subtree, those being forked too."""
+        if self.kill_hooks:
+            members = [pid for c in cg.walk() for pid in self.members(c)]
+            for hook in self.kill_hooks:
+                hook(cg, members)
+        self._kill(cg)
+
+    def _kill(self, cg: Cgroup) -> None:
+        """The backend's cgroup.kill."""
         raise NotImplementedError
 
     def set_freeze(self, cg: Cgroup, freeze: bool) -> None:

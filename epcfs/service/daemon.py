@@ -405,6 +405,8 @@ def _build_and_serve(cfg: MountConfig, ready, listening) -> int:
         except OSError as e:
             log.error("--trace %s: %s", cfg.trace, e.strerror)
             return 1
+        if cfg.cgroup_version == 2:  # v1 has no cgroup.kill
+            tracker.kill_hooks.append(steps.tracer.killed)
     reclaimers = Reclaimers(sgx, steps)
     server = EnclaveServer(sgx, tracker, sections, steps)
     with pidfile(cfg.pidfile):

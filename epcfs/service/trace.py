@@ -138,6 +138,11 @@ class Tracer:
     def instant(self, name: str, track: int | str | None, **args) -> None:
         """A moment on `track` (None: the daemon's process-wide track)."""
 
+    def killed(self, cg: Cgroup, pids: list[int]) -> None:
+        """A cgroup.kill of `cg`, whose members were `pids`: one instant each."""
+        for pid in pids:
+            self.instant("kill", pid, cgroup=cg.path)
+
     def replied(self, pid: int, reply: dict) -> None:
         """An enclave reply went to `pid`: ENOMEM and SIGBUS become instants."""
         if reply.get("errno") == errno.ENOMEM:

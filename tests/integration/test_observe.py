@@ -196,6 +196,27 @@ def test_a_killed_daemon_leaves_a_readable_trace(mount_epcfs, tmp_path):
             stale.unlink()
 
 
+def test_cgroup_kill_is_an_instant_per_member(mount_epcfs, tmp_path):
+    trace = tmp_path / "t.json"
+    daemon = mount_epcfs("--trace", str(trace))
+    (daemon.path / "a").mkdir()
+    sleepers = [subprocess.Popen(["sleep", "60"]) for _ in range(2)]
+    try:
+        for p in sleepers:
+            (daemon.path / "a" / "cgroup.procs").write_text(f"{p.pid}\n")
+        (daemon.path / "a" / "cgroup.kill").write_text("1\n")
+        for p in sleepers:
+            assert p.wait(timeout=10) == -9
+    finally:
+        for p in sleepers:
+            p.kill()
+            p.wait()
+    assert daemon.stop() == 0
+    kills = [e for e in load(str(trace)) if e["name"] == "kill"]
+    assert sorted(e["tid"] for e in kills) == sorted(p.pid for p in sleepers)
+    assert {e["args"]["cgroup"] for e in kills} == {"/a"}
+
+
 @pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux not installed")
 def test_status_line_on_a_terminal_only(tmp_path):
     """On a terminal a live status line sits under the output while the script is quiet;
