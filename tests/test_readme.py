@@ -53,9 +53,12 @@ def test_the_readme_has_runnable_blocks_and_says_why_others_are_not():
 @pytest.mark.parametrize("heading", sorted(RUNNABLE))
 def test_readme_section_runs_as_written(heading):
     code = "\n".join(c for c, why in RUNNABLE[heading] if not why)
-    script = ("set -e\nmount -t tmpfs readme-tmp /tmp\nmkdir -p /run/epcfs\n"
-              "mount -t tmpfs readme-run /run/epcfs\n"
-              f"cd {REPO}\n. .venv/bin/activate\n" + code)
+    # The clone may itself live under /tmp (CI's may): the shell's working directory
+    # keeps the clone reachable under the tmpfs, and is bound back at its own path.
+    script = (f"set -e\ncd {REPO}\nmount -t tmpfs readme-tmp /tmp\n"
+              f"mkdir -p {REPO}\nmount --no-canonicalize --bind /proc/self/cwd {REPO}\ncd {REPO}\n"
+              "mkdir -p /run/epcfs\nmount -t tmpfs readme-run /run/epcfs\n"
+              ". .venv/bin/activate\n" + code)
     result = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c",
                              script], capture_output=True, text=True, timeout=TIMEOUT,
                             stdin=subprocess.DEVNULL)
