@@ -12,7 +12,7 @@ splitting a run leaves its two halves adjacent in the LRU, left half first.
 
 from __future__ import annotations
 
-from bisect import bisect_right
+from bisect import bisect_left, bisect_right
 from enum import Enum
 from typing import TYPE_CHECKING
 
@@ -190,22 +190,18 @@ class RunMap:
         run = self.blocks[b][p]
         return run if i < run.end else None
 
-    def _from(self, i: int):
-        """The runs from the one holding i (or the first after i) on, in order. The map
-        must not change while this is consumed."""
-        b, p = self._locate(i)
+    def _first_after(self, i: int) -> tuple[int, int]:
+        """(block, position) of the run holding i, or of the first one after it; the
+        block is len(blocks) if there is none."""
+        k, p = self._locate(i)
         if p < 0:
-            p = 0
-        elif self.blocks[b][p].end <= i:
+            return 0, 0
+        block = self.blocks[k]
+        if block[p].end <= i:
             p += 1
-        blocks = self.blocks
-        while b < len(blocks):
-            block = blocks[b]
-            while p < len(block):
-                yield block[p]
-                p += 1
-            b += 1
-            p = 0
+            if p == len(block):
+                return k + 1, 0
+        return k, p
 
     def _put(self, b: int, p: int, run) -> None:
         """Insert `run` at position p of block b (its place in the order)."""
@@ -256,17 +252,22 @@ class RunMap:
 
     def overlapping(self, a: int, b: int) -> list:
         """Runs intersecting [a, b), without cutting anything."""
-        out = []
-        for run in self._from(a):
-            if run.start >= b:
+        k, p = self._first_after(a)
+        blocks, bstarts = self.blocks, self.bstarts
+        out: list = []
+        while k < len(blocks):
+            block = blocks[k]
+            q = bisect_left(bstarts[k], b, p)
+            out += block[p:q]
+            if q < len(block):
                 break
-            out.append(run)
+            k, p = k + 1, 0
         return out
 
     def next_start(self, i: int) -> int | None:
         """Start of the run holding index i, or of the first one after it (None if none)."""
-        run = next(self._from(i), None)
-        return None if run is None else run.start
+        k, p = self._first_after(i)
+        return self.bstarts[k][p] if k < len(self.blocks) else None
 
     def merge(self, run):
         """Join `run` (one of this map's, or the run that absorbed it) with its
