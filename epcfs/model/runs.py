@@ -184,10 +184,11 @@ class RunMap:
 
     def get(self, i: int):
         """The run holding page i, or None."""
-        b, p = self._locate(i)
-        if p < 0:
+        # _locate inlined: get and cut run for nearly every page operation.
+        b = bisect_right(self.heads, i) - 1
+        if b < 0:
             return None
-        run = self.blocks[b][p]
+        run = self.blocks[b][bisect_right(self.bstarts[b], i) - 1]
         return run if i < run.end else None
 
     def _first_after(self, i: int) -> tuple[int, int]:
@@ -238,8 +239,9 @@ class RunMap:
 
     def cut(self, x: int) -> None:
         """Make x a run boundary if a run straddles it."""
-        b, p = self._locate(x)
-        if p >= 0:
+        b = bisect_right(self.heads, x) - 1
+        if b >= 0:
+            p = bisect_right(self.bstarts[b], x) - 1
             run = self.blocks[b][p]
             if run.start < x < run.end:
                 self._put(b, p + 1, run.split(x))
