@@ -268,7 +268,7 @@ class BulkLoader:
             run.node = -1
             run.css = None
             encl.children_written_back(take)
-            encl.pages.merge_at(encl.pages.find(run.start))
+            encl.pages.merge(run)
             pos += take
         self.sgx.encls["EBLOCK"] += count
         self.sgx.encls["EWB"] += count

@@ -131,10 +131,10 @@ class Edmm:
         pages = encl.pages
         pages.cut(i)
         pages.cut(i + n)
-        k = pages.find(i)
+        run = pages.get(i)
         for name, value in attrs.items():
-            setattr(pages.runs[k], name, value)
-        pages.merge_at(k)
+            setattr(run, name, value)
+        pages.merge(run)
 
     @operation
     def restrict_permissions(self, encl: Enclave, pid: int, first: int, count: int,
@@ -202,9 +202,7 @@ class Edmm:
             if run.ptype == SgxPageType.TRIM:
                 run.accepted = True
         for run in pages.overlapping(first, first + count):
-            k = pages.find(run.start)
-            if k >= 0:
-                pages.merge_at(k)
+            pages.merge(pages.get(run.start))
         self.sgx.encls["EACCEPT"] += present
         return present
 
@@ -227,10 +225,9 @@ class Edmm:
             pages = encl.pages
             pages.cut(i)
             pages.cut(i + n)
-            k = pages.find(i)
-            run = pages.runs[k]
+            run = pages.get(i)
             self.sgx.reclaim.lru_unlink(run)
-            pages.pop(k)
+            pages.remove(run)
             self.sgx.reclaim.free_epc(run.node, run.css, n, eremove=True)
             encl.child_removed(n)
 

@@ -161,7 +161,9 @@ class Enclave:
 
     def pcmd_add(self, gaps: list[tuple[int, int]], memcg: MemCss) -> None:
         for g0, g1 in gaps:
-            self.pcmd.merge_at(self.pcmd.insert(Span(g0, g1, memcg)))
+            span = Span(g0, g1, memcg)
+            self.pcmd.insert(span)
+            self.pcmd.merge(span)
             self.nr_pcmd += g1 - g0
 
     def _group_busy(self, g: int, a: int, b: int) -> bool:
@@ -190,7 +192,7 @@ class Enclave:
         for g0, g1 in ranges:
             for span in self.pcmd.isolate(g0, g1):
                 out.append((span.value, len(span)))
-                self.pcmd.pop(self.pcmd.find(span.start))
+                self.pcmd.remove(span)
                 self.nr_pcmd -= len(span)
         return out
 
@@ -212,7 +214,8 @@ class Vepc:
 
     def page_added(self, run) -> None:
         """A guest page got its EPC page (a one-page run)."""
-        self.pages.merge_at(self.pages.insert(run))
+        self.pages.insert(run)
+        self.pages.merge(run)
         self.nr_pages += 1
 
     def emptied(self) -> None:

@@ -9,6 +9,7 @@ O(pages), so tests call it after every step.
 from __future__ import annotations
 
 from collections import Counter
+from itertools import pairwise
 from typing import TYPE_CHECKING
 
 from .constants import PAGE_SIZE, PCMDS_PER_PAGE, SGX_EPC, SGX_VA_SLOT_COUNT
@@ -16,7 +17,7 @@ from .epc_cgroup import epc_cg
 from .memory import MemCss
 from .misc import MISC_RESOURCES, MiscCss
 from .reclaim import Stage
-from .runs import RunState
+from .runs import RunMap, RunState
 
 if TYPE_CHECKING:
     from .cgroup import Cgroup
@@ -223,13 +224,22 @@ def _check_nodes(sgx: Sgx, per_node: Counter[int]) -> None:
     assert set(per_node) <= set(epc.nodes)
 
 
+def _check_runmap(runs: RunMap) -> None:
+    """Every block non-empty and indexed by its first start, every start as indexed,
+    runs disjoint in order and counted."""
+    assert all(runs.blocks) and runs.heads == [starts[0] for starts in runs.bstarts]
+    assert [len(b) for b in runs.blocks] == [len(s) for s in runs.bstarts]
+    assert runs.starts == [r.start for r in runs.runs] and len(runs.runs) == runs.count
+    assert all(a.end <= b.start for a, b in pairwise(runs.runs))
+
+
 def _check_enclave(sgx: Sgx, encl: Enclave, pages_of: Counter[MiscCss],
                    per_node: Counter[int], backing: Counter[MemCss],
                    owned: Counter[int]) -> int:
     """Returns the pages this enclave has on LRUs."""
     assert not encl.released
     pm = encl.pages
-    assert pm.starts == [r.start for r in pm.runs]
+    _check_runmap(pm)
     end = 0
     n = evicted = resident = on_lru = 0
     groups: list[tuple[int, int]] = []
@@ -272,7 +282,7 @@ def _check_enclave(sgx: Sgx, encl: Enclave, pages_of: Counter[MiscCss],
     slots = evicted + (encl.secs_css is None)
     assert encl.va_used == slots <= encl.va_slots, "VA slots != evicted pages"
     pcmd = encl.pcmd
-    assert pcmd.starts == [s.start for s in pcmd.runs]
+    _check_runmap(pcmd)
     spans = [(s.start, s.end) for s in pcmd]
     assert _merged(spans) == _merged(groups), f"PCMD pages of {encl} != evicted groups"
     assert sum(b - a for a, b in spans) == encl.nr_pcmd
@@ -285,7 +295,7 @@ def _check_enclave(sgx: Sgx, encl: Enclave, pages_of: Counter[MiscCss],
 def _check_vepc(sgx: Sgx, vepc: Vepc, pages_of: Counter[MiscCss],
                 per_node: Counter[int]) -> None:
     assert not vepc.released
-    assert vepc.pages.starts == [r.start for r in vepc.pages.runs]
+    _check_runmap(vepc.pages)
     total = 0
     for run in vepc.pages:
         assert run.state is RunState.VEPC

@@ -130,8 +130,7 @@ class Reclaim:
         run.batch = None
         epc_cg(run.css).lru.append(run)
         lru_changed(run.css, len(run))
-        pages = run.encl.pages
-        pages.merge_at(pages.find(run.start))
+        run.encl.pages.merge(run)
 
     def lru_unlink(self, run: Run) -> None:
         epc_cg(run.css).lru.unlink(run)
@@ -223,7 +222,7 @@ class Reclaim:
         results = []
         for i in range(run.start, run.end):
             g = i // PCMDS_PER_PAGE
-            fresh = (encl, g) not in new_pcmd and encl.pcmd.find(g) < 0
+            fresh = (encl, g) not in new_pcmd and encl.pcmd.get(g) is None
             if self.h.mem.memory_try_charge(memcg, 1 + fresh, owner=encl.owner,
                                         current=batch.charge_pid):
                 if fresh:
@@ -259,7 +258,7 @@ class Reclaim:
         run.batch = None
         run.node = -1
         run.css = None
-        encl.pages.merge_at(encl.pages.find(run.start))
+        encl.pages.merge(run)
         if encl.initialized and not encl.secs_child_cnt and encl.secs_css is not None:
             self._ewb_secs(encl, batch.charge_pid)
 

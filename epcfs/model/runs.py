@@ -12,7 +12,7 @@ splitting a run leaves its two halves adjacent in the LRU, left half first.
 
 from __future__ import annotations
 
-from bisect import bisect_right
+from bisect import bisect_left, bisect_right
 from enum import Enum
 from typing import TYPE_CHECKING
 
@@ -131,65 +131,120 @@ class Span:
         return right
 
 
+BLOCK = 512
+"""Runs per block of a RunMap before it splits in two: inserting or removing a run moves
+at most a block's tail (a few KiB), and the index over blocks stays a few thousand
+entries long even for a 64 GiB EPC fragmented page by page."""
+
+
 class RunMap:
     """Disjoint [start, end) runs sorted by start, found by bisection.
 
-    Lookups are O(log runs); inserting or removing a run moves list tails, which costs
-    a memmove over the run count, not over pages.
+    Lookups are O(log runs). The runs are kept in blocks of at most 2 × BLOCK, each with
+    its starts, and an index of the blocks' first starts, so inserting or removing a run
+    costs O(BLOCK + runs / BLOCK), not O(runs).
     """
 
-    __slots__ = ("starts", "runs")
+    __slots__ = ("blocks", "bstarts", "heads", "count")
+
+    # A flat list made every insert a memmove over all runs: a strided touch loop over
+    # a fragmented heap spent most of its time there. Blocks bound that cost without a
+    # balanced tree's per-node objects.
 
     def __init__(self) -> None:
-        self.starts: list[int] = []
-        self.runs: list = []
+        self.blocks: list[list] = []  # the runs, in order, block by block
+        self.bstarts: list[list[int]] = []  # each block's runs' starts
+        self.heads: list[int] = []  # each block's first start
+        self.count = 0
 
     def __len__(self) -> int:
-        return len(self.runs)
+        return self.count
 
     def __iter__(self):
-        return iter(self.runs)
+        for block in self.blocks:
+            yield from block
 
-    def find(self, i: int) -> int:
-        """Index of the run holding page i, or -1."""
-        k = bisect_right(self.starts, i) - 1
-        return k if k >= 0 and i < self.runs[k].end else -1
+    @property
+    def runs(self) -> list:
+        """All runs in order (a new list: O(runs), for checks and tests)."""
+        return [run for block in self.blocks for run in block]
 
-    def first_after(self, i: int) -> int:
-        """Index of the first run ending after i (the one holding i, or the next)."""
-        k = bisect_right(self.starts, i) - 1
-        if k < 0 or self.runs[k].end <= i:
-            k += 1
-        return k
+    @property
+    def starts(self) -> list[int]:
+        """All runs' starts as indexed (a new list: O(runs), for checks)."""
+        return [s for starts in self.bstarts for s in starts]
+
+    def _locate(self, i: int) -> tuple[int, int]:
+        """(block, position) of the last run starting at or before i; position -1 (in
+        block 0) if there is none."""
+        b = bisect_right(self.heads, i) - 1
+        if b < 0:
+            return 0, -1
+        return b, bisect_right(self.bstarts[b], i) - 1
 
     def get(self, i: int):
-        k = self.find(i)
-        return self.runs[k] if k >= 0 else None
+        """The run holding page i, or None."""
+        # _locate inlined: get and cut run for nearly every page operation.
+        b = bisect_right(self.heads, i) - 1
+        if b < 0:
+            return None
+        run = self.blocks[b][bisect_right(self.bstarts[b], i) - 1]
+        return run if i < run.end else None
 
-    def insert(self, run) -> int:
-        k = bisect_right(self.starts, run.start)
-        self.starts.insert(k, run.start)
-        self.runs.insert(k, run)
-        return k
+    def _first_after(self, i: int) -> tuple[int, int]:
+        """(block, position) of the run holding i, or of the first one after it; the
+        block is len(blocks) if there is none."""
+        k, p = self._locate(i)
+        if p < 0:
+            return 0, 0
+        block = self.blocks[k]
+        if block[p].end <= i:
+            p += 1
+            if p == len(block):
+                return k + 1, 0
+        return k, p
 
-    def pop(self, k: int):
-        del self.starts[k]
-        return self.runs.pop(k)
+    def _put(self, b: int, p: int, run) -> None:
+        """Insert `run` at position p of block b (its place in the order)."""
+        block, starts = self.blocks[b], self.bstarts[b]
+        block.insert(p, run)
+        starts.insert(p, run.start)
+        if p == 0:
+            self.heads[b] = run.start
+        self.count += 1
+        if len(block) > 2 * BLOCK:
+            self.blocks.insert(b + 1, block[BLOCK:])
+            self.bstarts.insert(b + 1, starts[BLOCK:])
+            self.heads.insert(b + 1, starts[BLOCK])
+            del block[BLOCK:], starts[BLOCK:]
 
-    def restart(self, k: int, start: int) -> None:
-        """Move run k's start (it shrank from the left, keeping its position)."""
-        self.runs[k].start = start
-        self.starts[k] = start
+    def insert(self, run) -> None:
+        if not self.blocks:
+            self.blocks.append([])
+            self.bstarts.append([])
+            self.heads.append(run.start)
+        b, p = self._locate(run.start)
+        self._put(b, p + 1, run)
+
+    def remove(self, run) -> None:
+        """Take `run` (one of this map's) out of the map."""
+        b, p = self._locate(run.start)
+        block, starts = self.blocks[b], self.bstarts[b]
+        del block[p], starts[p]
+        self.count -= 1
+        if not block:
+            del self.blocks[b], self.bstarts[b], self.heads[b]
+        elif p == 0:
+            self.heads[b] = starts[0]
 
     def cut(self, x: int) -> None:
         """Make x a run boundary if a run straddles it."""
-        k = bisect_right(self.starts, x) - 1
-        if k >= 0:
-            run = self.runs[k]
+        b = bisect_right(self.heads, x) - 1
+        if b >= 0:
+            p = bisect_right(self.bstarts[b], x) - 1
+            run = self.blocks[b][p]
             if run.start < x < run.end:
-                right = run.split(x)
-                self.starts.insert(k + 1, x)
-                self.runs.insert(k + 1, right)
+                self._put(b, p + 1, run.split(x))
 
     def isolate(self, a: int, b: int) -> list:
         """The runs covering [a, b) after cutting at both ends (present pages only)."""
@@ -199,30 +254,42 @@ class RunMap:
 
     def overlapping(self, a: int, b: int) -> list:
         """Runs intersecting [a, b), without cutting anything."""
-        k = self.first_after(a)
-        out = []
-        while k < len(self.runs) and self.runs[k].start < b:
-            out.append(self.runs[k])
-            k += 1
+        k, p = self._first_after(a)
+        blocks, bstarts = self.blocks, self.bstarts
+        out: list = []
+        while k < len(blocks):
+            block = blocks[k]
+            q = bisect_left(bstarts[k], b, p)
+            out += block[p:q]
+            if q < len(block):
+                break
+            k, p = k + 1, 0
         return out
 
     def next_start(self, i: int) -> int | None:
         """Start of the run holding index i, or of the first one after it (None if none)."""
-        k = self.first_after(i)
-        return self.runs[k].start if k < len(self.runs) else None
+        k, p = self._first_after(i)
+        return self.bstarts[k][p] if k < len(self.blocks) else None
 
-    def merge_at(self, k: int) -> int:
-        """Join run k with its neighbours where they can be one run; returns the index of
-        the run that now holds run k's pages."""
-        runs = self.runs
-        if k + 1 < len(runs) and runs[k].joinable(runs[k + 1]):
-            runs[k].join(runs[k + 1])
-            self.pop(k + 1)
-        if k > 0 and runs[k - 1].joinable(runs[k]):
-            runs[k - 1].join(runs[k])
-            self.pop(k)
-            k -= 1
-        return k
+    def merge(self, run):
+        """Join `run` (one of this map's, or the run that absorbed it) with its
+        neighbours where they can be one run; returns the run that now holds its pages."""
+        b, p = self._locate(run.start)
+        blocks = self.blocks
+        block = blocks[b]
+        run = block[p]
+        nxt = blocks[b + 1][0] if b + 1 < len(blocks) else None
+        right = block[p + 1] if p + 1 < len(block) else nxt
+        if right is not None and run.joinable(right):
+            run.join(right)
+            self.remove(right)
+        prev = blocks[b - 1][-1] if b > 0 else None
+        left = block[p - 1] if p > 0 else prev
+        if left is not None and left.joinable(run):
+            left.join(run)
+            self.remove(run)
+            return left
+        return run
 
 
 class Lru:

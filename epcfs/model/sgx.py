@@ -269,9 +269,9 @@ class Sgx:
             pages = encl.pages
             pages.cut(page_index)
             pages.cut(page_index + 1)
-            k = pages.find(page_index)
-            pages.runs[k].young = True
-            pages.merge_at(k)
+            run = pages.get(page_index)
+            run.young = True
+            pages.merge(run)
         return Fault.OK
 
     def touch_resident(self, encl: Enclave, first: int, count: int) -> int:
@@ -293,9 +293,7 @@ class Sgx:
         for run in pages.isolate(first, pos):
             run.young = True
         for run in pages.overlapping(first, pos):
-            k = pages.find(run.start)
-            if k >= 0:
-                pages.merge_at(k)
+            pages.merge(pages.get(run.start))
         return pos - first
 
     def _eldu(self, encl: Enclave, pid: int, i: int, pref: list[int], young: bool) -> None:
@@ -372,7 +370,7 @@ class Sgx:
         first access. Allocation is no-reclaim (EBUSY → RETRY, else SIGBUS)."""
         if encl.released or not encl.initialized or not 0 <= page_index < encl.size_pages:
             return Fault.SIGBUS
-        if encl.pages.find(page_index) >= 0:
+        if encl.pages.get(page_index) is not None:
             return Fault.OK
         css = self.h.misc_of(pid)
         pref = self.epc.preference(node)
@@ -442,7 +440,7 @@ class Sgx:
         cgroup, no reclaim. EBUSY → RETRY (VM_FAULT_RETRY); ENOMEM etc. → SIGBUS."""
         if vepc.released or page_index < 0:
             return Fault.SIGBUS
-        if vepc.pages.find(page_index) >= 0:
+        if vepc.pages.get(page_index) is not None:
             return Fault.OK
         css = self.h.misc_of(pid)
         try:
