@@ -224,7 +224,7 @@ def _check_nodes(sgx: Sgx, per_node: Counter[int]) -> None:
     assert set(per_node) <= set(epc.nodes)
 
 
-def _check_runmap(runs: RunMap) -> None:
+def check_runmap(runs: RunMap) -> None:
     """Every block non-empty and indexed by its first start, every start as indexed,
     runs disjoint in order and counted."""
     assert all(runs.blocks) and runs.heads == [starts[0] for starts in runs.bstarts]
@@ -239,7 +239,7 @@ def _check_enclave(sgx: Sgx, encl: Enclave, pages_of: Counter[MiscCss],
     """Returns the pages this enclave has on LRUs."""
     assert not encl.released
     pm = encl.pages
-    _check_runmap(pm)
+    check_runmap(pm)
     end = 0
     n = evicted = resident = on_lru = 0
     groups: list[tuple[int, int]] = []
@@ -282,7 +282,7 @@ def _check_enclave(sgx: Sgx, encl: Enclave, pages_of: Counter[MiscCss],
     slots = evicted + (encl.secs_css is None)
     assert encl.va_used == slots <= encl.va_slots, "VA slots != evicted pages"
     pcmd = encl.pcmd
-    _check_runmap(pcmd)
+    check_runmap(pcmd)
     spans = [(s.start, s.end) for s in pcmd]
     assert _merged(spans) == _merged(groups), f"PCMD pages of {encl} != evicted groups"
     assert sum(b - a for a, b in spans) == encl.nr_pcmd
@@ -295,7 +295,7 @@ def _check_enclave(sgx: Sgx, encl: Enclave, pages_of: Counter[MiscCss],
 def _check_vepc(sgx: Sgx, vepc: Vepc, pages_of: Counter[MiscCss],
                 per_node: Counter[int]) -> None:
     assert not vepc.released
-    _check_runmap(vepc.pages)
+    check_runmap(vepc.pages)
     total = 0
     for run in vepc.pages:
         assert run.state is RunState.VEPC

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from epcfs.model import runs as runs_module
-from epcfs.model.invariants import _check_runmap
+from epcfs.model.invariants import check_runmap
 from epcfs.model.runs import RunMap, Span
 
 PAGES = 120
@@ -68,7 +68,7 @@ def test_runmap_equals_a_page_table(steps):
         elif (span := m.get(at)) is not None:
             held = m.merge(span)
             assert held.start <= at < held.end
-        _check_runmap(m)
+        check_runmap(m)
         assert table(m) == ref
         for i in (at, at + n):
             span = m.get(i)
