@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from epcfs.client import Enclave  # noqa: E402
-from epcfs.fs.cftype import Caller  # noqa: E402
+from epcfs.host.caller import Caller  # noqa: E402
 from epcfs.host.cgroup_tracker import MirrorTracker  # noqa: E402
 from epcfs.host.events import EventTracker  # noqa: E402
 from epcfs.host.mirror import Mirror, own_cgroup_dir  # noqa: E402

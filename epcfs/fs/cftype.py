@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import TYPE_CHECKING
 
+from ..host.caller import Caller
 from ..model.cgroup import Cgroup, Hierarchy
 
 if TYPE_CHECKING:
@@ -27,18 +28,6 @@ class Where(Enum):
 
     def admits(self, cg: Cgroup) -> bool:
         return self is Where.ALL or (self is Where.ROOT) == cg.is_root
-
-
-@dataclass(eq=False)
-class Caller:
-    """Who opened the file: the FUSE request context at open (pid is the opening thread's
-    id). One per open file, so `state` is per-fd state like the kernel's of->priv
-    (memory.peak's reset watermark)."""
-
-    pid: int
-    uid: int
-    gid: int
-    state: dict = field(default_factory=dict)
 
 
 def _allow_all(cg: Cgroup, caller: Caller) -> bool:

@@ -35,7 +35,7 @@ from .pidns import to_daemon_ns
 from .proc import PF_NO_SETAFFINITY, Proc, is_dead
 
 if TYPE_CHECKING:
-    from ..fs.cftype import Caller
+    from .caller import Caller
 
 log = logging.getLogger(__name__)
 

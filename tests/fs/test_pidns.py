@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from epcfs.fs.cftype import Caller
+from epcfs.host.caller import Caller
 from epcfs.host.cgroup_tracker import MirrorTracker
 from epcfs.host.events import EventTracker
 from epcfs.host.mirror import Mirror
