@@ -380,6 +380,13 @@ def _build_and_serve(cfg: MountConfig, ready, listening) -> int:
         hierarchy.write_subtree_control(
             hierarchy.root, " ".join("+" + name for name in cfg.root_controllers.split()))
     sections = cfg.sections or [(0, cfg.capacity)]
+    # Before the trackers: a tracker may make real cgroups, which a failed start must
+    # not leave behind.
+    try:
+        tracer = ChromeTrace(cfg.trace) if cfg.trace else None
+    except OSError as e:
+        log.error("--trace %s: %s", cfg.trace, e.strerror)
+        return 1
     sgx = Sgx(hierarchy, sections)
     # The machine booted long before anyone could look: ksgxd's EREMOVE pass over every
     # EPC page is done before the mount answers (its time is not spent; a selftest run
@@ -396,17 +403,15 @@ def _build_and_serve(cfg: MountConfig, ready, listening) -> int:
             fs = CgroupFs(Context(hierarchy, tracker))
     except OSError as e:
         log.error("--membership %s: %s", cfg.membership, e)
+        if tracer is not None:
+            tracer.close()
         return 1
     fs.sized_files = cfg.file_size == "content"
     steps = Stepper(sgx, tracker, cfg.time_scale)
-    if cfg.trace:
-        try:
-            steps.tracer = ChromeTrace(cfg.trace)
-        except OSError as e:
-            log.error("--trace %s: %s", cfg.trace, e.strerror)
-            return 1
+    if tracer is not None:
+        steps.tracer = tracer
         if cfg.cgroup_version == 2:  # v1 has no cgroup.kill
-            tracker.kill_hooks.append(steps.tracer.killed)
+            tracker.kill_hooks.append(tracer.killed)
     reclaimers = Reclaimers(sgx, steps)
     server = EnclaveServer(sgx, tracker, sections, steps)
     with pidfile(cfg.pidfile):
