@@ -97,9 +97,11 @@ def run_in_epcfs(args: argparse.Namespace, command: Sequence[str], *, cwd: str |
     try:
         with plotted(args, marks) as trace, private_epcfs(args, trace) as cfg:
             env = dict(os.environ, EPCFS_SOCKET=cfg.enclave_socket)
-            # This interpreter's scripts (test_sgx, epcfs) first: `.venv/bin/epcfs run --
-            # test_sgx` finds them without an activated venv.
-            prefix = [p for p in (path_prefix, os.path.dirname(sys.executable)) if p]
+            # A venv's scripts (test_sgx, epcfs) first: `.venv/bin/epcfs run -- test_sgx`
+            # finds them without an activated venv. Outside one, the interpreter's
+            # directory (/usr/bin) must not jump ahead of the user's own PATH order.
+            venv = sys.prefix != sys.base_prefix
+            prefix = [p for p in (path_prefix, venv and os.path.dirname(sys.executable)) if p]
             env["PATH"] = ":".join([*prefix, env.get("PATH", "/usr/bin:/bin")])
             try:
                 if runner is not None:
@@ -150,10 +152,17 @@ def call(command: Sequence[str], **kwargs) -> int:
     signal). Ctrl-C reaches CMD (same process group); we stay to tear down after it."""
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
-        status = subprocess.call(list(command), **kwargs)
+        status = subprocess.call(list(command), preexec_fn=sigint_default, **kwargs)
     finally:
         signal.signal(signal.SIGINT, previous)
     return 128 - status if status < 0 else status
+
+
+def sigint_default() -> None:
+    """In a child about to exec: SIGINT back to its default. An ignored signal stays
+    ignored across exec, and a non-interactive shell cannot take it back, so without
+    this Ctrl-C would reach nobody while we wait out CMD."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def bwrap_command(rootfs: str, cgroupfs: str, socket: str, command: Sequence[str], *,

@@ -32,7 +32,7 @@ from collections.abc import Iterator, Sequence
 
 from ..service.daemon import add_mount_options
 from .plot import add_plot_option
-from .run import KSFT_SKIP, run_in_epcfs
+from .run import KSFT_SKIP, run_in_epcfs, sigint_default
 
 STAND_INS = ("swapoff", "swapon")
 """Host-changing commands the scripts call that must not reach the host."""
@@ -148,7 +148,8 @@ def pump(command: Sequence[str], socket: str, marks: list[tuple[float, str]], *,
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the script's
     try:
         proc = subprocess.Popen(list(command), stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT if tap else None, **kwargs)
+                                stderr=subprocess.STDOUT if tap else None,
+                                preexec_fn=sigint_default, **kwargs)
         with proc, Output(socket) as emit:
             for line in lines_until_exit(proc):
                 marks.append((time.time(), line))
