@@ -133,7 +133,15 @@ class Tracer:
         for leaf in METERED:
             n = after.get(leaf, 0) - before.get(leaf, 0)
             if n:
+                if css not in self.leaves:
+                    self._forget_released()
                 self.leaves.setdefault(css, Counter())[leaf] += n
+
+    def _forget_released(self) -> None:
+        """Drop the counts of released csses (their cgroups are gone), so a daemon that
+        nobody asks for stats does not keep every cgroup that ever reclaimed."""
+        for css in [css for css in self.leaves if css.dead]:
+            del self.leaves[css]
 
     def instant(self, name: str, track: int | str | None, **args) -> None:
         """A moment on `track` (None: the daemon's process-wide track)."""
@@ -168,8 +176,7 @@ class Tracer:
     def _rows(self, sgx: Sgx) -> list[dict]:
         enclaves = Counter(sgx.h.misc_of(e.owner).cgroup for e in sgx.enclaves.values()
                            if not e.released)
-        for css in [css for css in self.leaves if css.dead]:
-            del self.leaves[css]  # released: its cgroup is gone from the rows too
+        self._forget_released()
         leaves = {css.cgroup: counts for css, counts in self.leaves.items()}
         rows = []
         for cg in sgx.h.root.walk():
@@ -265,10 +272,11 @@ class ChromeTrace(Tracer):
                         "pid": self.pid, "args": {"bytes": value}})
 
     def _rose(self, key: str, now: int) -> int:
-        """How much the event count `key` rose since the last sample."""
-        delta = now - self.last.get(key, now)
+        """How much the event count `key` rose since the last sample. A count below the
+        last one belongs to a new cgroup at a removed one's path: all of it is new."""
+        last = self.last.get(key, 0)
         self.last[key] = now
-        return delta
+        return now - last if now >= last else now
 
     def sample(self, sgx: Sgx) -> None:
         """Counters, failed charges and OOM kills per cgroup; moves and exits."""

@@ -131,8 +131,10 @@ class Frame:
             row = dict(row)
             for leaf in ("ewb", "eldu"):
                 prev = old.get(row["path"])
+                # A count below the last frame's: a new cgroup at a removed one's path.
                 row[leaf + "_rate"] = ((row[leaf] - prev[leaf]) / elapsed
-                                       if prev is not None and elapsed > 0 else None)
+                                       if prev is not None and elapsed > 0
+                                       and row[leaf] >= prev[leaf] else None)
             self.rows.append(row)
         if order == "path":  # alphabetical, each cgroup right above its children
             self.rows.sort(key=lambda r: r["path"].split("/"))
