@@ -155,5 +155,10 @@ def default_socket(mountpoint: str) -> str:
     Derived from the mountpoint so that a client finds the daemon behind
     /sys/fs/cgroup without configuration, and two daemons never collide.
     """
-    escaped = os.path.abspath(mountpoint).strip("/").replace("/", "-") or "-"
-    return os.path.join(SOCKET_DIR, f"{escaped}.sock")
+    return os.path.join(SOCKET_DIR, f"{mount_key(mountpoint)}.sock")
+
+
+def mount_key(mountpoint: str) -> str:
+    """`mountpoint` as one file name (its path with - for /), naming what belongs to the
+    daemon serving it: its socket, its log."""
+    return os.path.abspath(mountpoint).strip("/").replace("/", "-") or "-"

@@ -265,6 +265,25 @@ def test_detached_mount_on_a_missing_directory_fails(daemons, tmp_path):
     assert not path.exists()
 
 
+@pytest.mark.parametrize("option", ["--pidfile", "--trace"])
+def test_an_unwritable_pidfile_or_trace_fails_the_start_and_leaves_nothing(daemons, tmp_path,
+                                                                          option):
+    path = tmp_path / "mnt"
+    path.mkdir()
+    from epcfs.host.mirror import own_cgroup_dir
+
+    daemon = subprocess.Popen([*EPCFS, "mount", "-f", str(path), "--membership", "cgroup",
+                               option, str(tmp_path / "absent" / "file")],
+                              stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _, stderr = daemon.communicate(timeout=TIMEOUT)
+    assert daemon.returncode == 1
+    assert f"{option} {tmp_path}/absent/file: No such file or directory" in stderr
+    assert "Traceback" not in stderr
+    assert mounts_at(path) == 0
+    directory, _ = own_cgroup_dir()
+    assert not [name for name in os.listdir(directory) if f"-{daemon.pid}-" in name]
+
+
 # One daemon per mountpoint and per socket ----------------------------------------------------
 
 

@@ -159,7 +159,8 @@ class ProcessTracker:
     def kill(self, cg: Cgroup) -> None:
         """cgroup.kill: SIGKILL every process in the subtree, those being forked too."""
         if self.kill_hooks:
-            members = [pid for c in cg.walk() for pid in self.members(c)]
+            self.settle()
+            members = self.hierarchy.kill_targets(cg)
             for hook in self.kill_hooks:
                 hook(cg, members)
         self._kill(cg)

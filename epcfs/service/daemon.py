@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from ..host.membership import MODES as MEMBERSHIP_MODES
 from ..model.cgroup import CONTROLLERS
 from ..model.constants import SGX_MAX_EPC_SECTIONS
-from ..protocol import default_socket
+from ..protocol import default_socket, mount_key
 from ..units import parse_nonnegative, parse_pages
 from .timing import DEFAULT_SCALE
 
@@ -258,8 +258,7 @@ def live_epcfs_at(mountpoint: str) -> bool:
 
 def default_log(mountpoint: str) -> str:
     """Where a detached daemon logs unless told: beside the sockets, never in a mount."""
-    escaped = os.path.abspath(mountpoint).strip("/").replace("/", "-") or "-"
-    return os.path.join(LOG_DIR, f"{escaped}.log")
+    return os.path.join(LOG_DIR, f"{mount_key(mountpoint)}.log")
 
 
 def redirect_stderr(path: str) -> None:
@@ -355,7 +354,13 @@ def serve(cfg: MountConfig, ready) -> int:
         log.error("cannot listen on the enclave socket: %s", e)
         return 1
     try:
-        return _build_and_serve(cfg, ready, listening)
+        with contextlib.ExitStack() as stack:
+            try:
+                stack.enter_context(pidfile(cfg.pidfile))
+            except OSError as e:
+                log.error("--pidfile %s: %s", cfg.pidfile, e.strerror)
+                return 1
+            return _build_and_serve(cfg, ready, listening)
     finally:
         enclave_socket.close()
 
@@ -392,20 +397,25 @@ def _build_and_serve(cfg: MountConfig, ready, listening) -> int:
     # EPC page is done before the mount answers (its time is not spent; a selftest run
     # right after mounting must not meet a half-sanitized EPC and fail with ENOMEM).
     sgx.sanitize_all()
+    hierarchies = (hierarchy, hierarchy.mem) if cfg.cgroup_version == 1 else (hierarchy,)
+    trackers: list = []
     try:
-        if cfg.cgroup_version == 1:
-            contexts = tuple(Context(h, open_tracker(h, cfg.membership))
-                             for h in (hierarchy, hierarchy.mem))
-            tracker = LegacyTrackers(*(c.tracker for c in contexts))
-            fs = CgroupFs(contexts[0], v1=contexts)
-        else:
-            tracker = open_tracker(hierarchy, cfg.membership)
-            fs = CgroupFs(Context(hierarchy, tracker))
+        for h in hierarchies:
+            trackers.append(open_tracker(h, cfg.membership))
     except OSError as e:
         log.error("--membership %s: %s", cfg.membership, e)
+        for made in trackers:  # a v1 layout's first mirror is real already
+            made.close()
         if tracer is not None:
             tracer.close()
         return 1
+    contexts = tuple(Context(h, t) for h, t in zip(hierarchies, trackers, strict=True))
+    if cfg.cgroup_version == 1:
+        tracker = LegacyTrackers(*trackers)
+        fs = CgroupFs(contexts[0], v1=contexts)
+    else:
+        tracker = trackers[0]
+        fs = CgroupFs(contexts[0])
     fs.sized_files = cfg.file_size == "content"
     steps = Stepper(sgx, tracker, cfg.time_scale)
     if tracer is not None:
@@ -414,8 +424,7 @@ def _build_and_serve(cfg: MountConfig, ready, listening) -> int:
             tracker.kill_hooks.append(tracer.killed)
     reclaimers = Reclaimers(sgx, steps)
     server = EnclaveServer(sgx, tracker, sections, steps)
-    with pidfile(cfg.pidfile):
-        return _serve(cfg, ready, fs, tracker, reclaimers, server, listening)
+    return _serve(cfg, ready, fs, tracker, reclaimers, server, listening)
 
 
 @contextlib.contextmanager

@@ -42,10 +42,17 @@ class Entry:
                 os.kill(self.pid, 0)
             except ProcessLookupError:
                 return False
+            except PermissionError:
+                pass  # a root daemon, asked by a user: it is there
             return True
         with sockets.socket(sockets.AF_UNIX, sockets.SOCK_SEQPACKET) as s:
+            # Never wait on a peer: this runs in a daemon's loop before it serves. A full
+            # backlog (EAGAIN) is a daemon that is there but busy.
+            s.setblocking(False)
             try:
                 s.connect(self.socket)
+            except BlockingIOError:
+                return True
             except OSError:
                 return False
         return True
