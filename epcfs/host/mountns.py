@@ -42,10 +42,11 @@ CGROUP1_LINES = (
 """cgroup v1 as a systemd host lists it: a read-only tmpfs holding one mount per
 hierarchy, each naming its controller among the options."""
 
-_libc = ctypes.CDLL(None, use_errno=True)
+libc = ctypes.CDLL(None, use_errno=True)
 
 
-def _check(result: int, what: str) -> int:
+def check_syscall(result: int, what: str) -> int:
+    """`result` of a libc call, or OSError with its errno when it failed."""
     if result < 0:
         err = ctypes.get_errno()
         raise OSError(err, f"{what}: {os.strerror(err)}")
@@ -54,20 +55,21 @@ def _check(result: int, what: str) -> int:
 
 def enter_private_mount_namespace() -> None:
     """Give this process its own mount namespace whose mounts never propagate out."""
-    _check(_libc.unshare(CLONE_NEWNS), "unshare(CLONE_NEWNS)")
-    _check(_libc.mount(None, b"/", None, MS_REC | MS_PRIVATE, None), "mount --make-rprivate /")
+    check_syscall(libc.unshare(CLONE_NEWNS), "unshare(CLONE_NEWNS)")
+    check_syscall(libc.mount(None, b"/", None, MS_REC | MS_PRIVATE, None),
+                  "mount --make-rprivate /")
 
 
 def mount_file_over(source: str, target: str) -> None:
     """Mount the file `source` at `target`, without following `target` if it is a symlink."""
-    fd = _check(
-        _libc.syscall(SYS_OPEN_TREE, AT_FDCWD, os.fsencode(source),
+    fd = check_syscall(
+        libc.syscall(SYS_OPEN_TREE, AT_FDCWD, os.fsencode(source),
                       OPEN_TREE_CLONE | os.O_CLOEXEC),
         f"open_tree({source})",
     )
     try:
-        _check(
-            _libc.syscall(SYS_MOVE_MOUNT, fd, b"", AT_FDCWD, os.fsencode(target),
+        check_syscall(
+            libc.syscall(SYS_MOVE_MOUNT, fd, b"", AT_FDCWD, os.fsencode(target),
                           MOVE_MOUNT_F_EMPTY_PATH),
             f"move_mount(→{target})",
         )

@@ -36,6 +36,8 @@ from ..host.mountns import (
     OPEN_TREE_CLONE,
     SYS_MOVE_MOUNT,
     SYS_OPEN_TREE,
+    check_syscall,
+    libc,
 )
 
 DEFAULT_MOUNTPOINT = "/run/epcfs/cgroup"
@@ -70,7 +72,6 @@ MOVE_MOUNT_T_EMPTY_PATH = 0x40
 AT_EMPTY_PATH = 0x1000
 MOUNT_ATTR_RDONLY = 0x1
 
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
 class HookError(Exception):
@@ -227,13 +228,6 @@ def _write(path: str, text: str) -> None:
         raise HookError(f"{os.path.basename(path)}: {text!r}: {e.strerror}", e.errno) from e
 
 
-def _check(result: int, what: str) -> int:
-    if result < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"{what}: {os.strerror(err)}")
-    return result
-
-
 def _bind_into(source: str, pid: int, target: str, readonly: bool) -> None:
     """Mount the directory `source` (in our mount namespace) at `target` (a path in the
     mount namespace of process `pid`, resolved from that process's root).
@@ -242,13 +236,13 @@ def _bind_into(source: str, pid: int, target: str, readonly: bool) -> None:
     and a child that joined the container's mount namespace attaches one to the other
     (move_mount attaches only in the caller's own namespace; setns would change ours).
     """
-    tree = _check(_libc.syscall(SYS_OPEN_TREE, AT_FDCWD, os.fsencode(source),
+    tree = check_syscall(libc.syscall(SYS_OPEN_TREE, AT_FDCWD, os.fsencode(source),
                                 OPEN_TREE_CLONE | os.O_CLOEXEC), f"open_tree({source})")
     fds = [tree]
     try:
         if readonly:
             attr = MountAttr(attr_set=MOUNT_ATTR_RDONLY)
-            _check(_libc.syscall(SYS_MOUNT_SETATTR, tree, b"", AT_EMPTY_PATH,
+            check_syscall(libc.syscall(SYS_MOUNT_SETATTR, tree, b"", AT_EMPTY_PATH,
                                  ctypes.byref(attr), ctypes.sizeof(attr)), "mount_setattr")
         fds.append(os.open(f"/proc/{pid}/root/{target.lstrip('/')}",
                            os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC))
@@ -262,8 +256,8 @@ def _bind_into(source: str, pid: int, target: str, readonly: bool) -> None:
     child = os.fork()
     if child == 0:  # pragma: no cover (runs in the forked child)
         try:
-            _check(_libc.setns(ns_fd, CLONE_NEWNS), "setns")
-            _check(_libc.syscall(SYS_MOVE_MOUNT, tree, b"", target_fd, b"",
+            check_syscall(libc.setns(ns_fd, CLONE_NEWNS), "setns")
+            check_syscall(libc.syscall(SYS_MOVE_MOUNT, tree, b"", target_fd, b"",
                                  MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_EMPTY_PATH),
                    "move_mount")
         except OSError as e:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import os
 import sys
 import tempfile
@@ -42,6 +43,9 @@ def plotted(args: argparse.Namespace, marks: Sequence[tuple[float, str]]) -> Ite
     temporary one. Afterwards (the daemon gone, its trace complete) draws --plot's
     figure from it, with the output lines in `marks` as stage marks."""
     plot, trace, scratch = getattr(args, "plot", None), getattr(args, "trace", None), None
+    if plot and importlib.util.find_spec("matplotlib") is None:  # known before the run
+        print("epcfs: --plot needs matplotlib (the `observe` extra)", file=sys.stderr)
+        raise SystemExit(2)
     if plot and not trace:
         fd, trace = tempfile.mkstemp(prefix="epcfs-trace-", suffix=".json")
         os.close(fd)

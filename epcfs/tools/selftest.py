@@ -188,11 +188,16 @@ class Output:
         self.socket = socket
         self.start = time.monotonic()
         self.live = None
+        self.reply: dict | None = None
+        self.asked = float("-inf")
 
     def __enter__(self):
         if not sys.stdout.isatty():
             return self.plain
-        from rich.live import Live
+        try:
+            from rich.live import Live
+        except ImportError:  # epcfs without its `observe` extra: no status line
+            return self.plain
 
         self.live = Live(self, transient=True, refresh_per_second=STATUS_REFRESH)
         self.live.__enter__()
@@ -215,8 +220,12 @@ class Output:
 
         from .top import ask, size
 
-        elapsed = time.monotonic() - self.start
-        reply = ask(self.socket)
+        # Live renders this under every line the script prints too: ask the daemon at
+        # most once per refresh, so a chatty script never waits on it.
+        now = time.monotonic()
+        if now - self.asked >= 1 / STATUS_REFRESH:
+            self.reply, self.asked = ask(self.socket), now
+        elapsed, reply = now - self.start, self.reply
         parts = [f"epcfs selftest {int(elapsed) // 60}:{int(elapsed) % 60:02d}"]
         if reply is not None:
             rows = [r for r in reply["rows"] if r["path"] != "/"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import os
 import select
 import socket
@@ -221,6 +222,8 @@ def run(args: argparse.Namespace) -> int:
     top = Top(args)
     try:
         if args.batch or not sys.stdout.isatty():
+            return batch(top)
+        if importlib.util.find_spec("rich") is None:  # no `observe` extra: plain frames
             return batch(top)
         return live(top)
     except KeyboardInterrupt:
