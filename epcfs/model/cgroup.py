@@ -148,9 +148,9 @@ class Hierarchy:
         self.dying: set[Cgroup] = set()
         self.lingering: set[MiscCss | MemCss] = set()
         self.declared: dict[int, Counter[MemCss]] = {}
+        """Memory each process declared (declare_memory), by the memcg it was charged to."""
         self.cftype_names: dict[str, frozenset[str]] = {}
         """Each controller's interface-file names in non-root cgroups (add_cftypes)."""
-        """Memory each process declared (declare_memory), by the memcg it was charged to."""
         self.misc_release_hooks: list[Callable[[MiscCss], None]] = []
         """Called with a misc css just before it is unlinked for good (its last charge is
         gone after offlining), like the misc_res_ops .free callback (sgx_cgroup_free)."""

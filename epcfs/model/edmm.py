@@ -66,11 +66,11 @@ class Edmm:
         self.check_edmm(encl, first, count)
         pref = self.sgx.epc.preference(node)
         reclaim = self.sgx.reclaim
-        css = self.sgx.h.misc_of(pid)
         c = 0
         alone = False
         while c < count:
             i = first + c
+            css = self.sgx.h.misc_of(pid)  # `current`'s cgroup now: it may have moved
             try:
                 yield from reclaim.reclaim_direct.steps(pid)
                 run = encl.pages.get(i)

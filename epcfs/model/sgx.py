@@ -188,11 +188,11 @@ class Sgx:
             raise KernelError(errno.EINVAL, "bad ADD_PAGES request")
         if page_type not in (SgxPageType.REG, SgxPageType.TCS):
             raise KernelError(errno.EINVAL, f"cannot EADD a {page_type.name} page")
-        css = self.h.misc_of(pid)
         pref = self.epc.preference(node)
         done = 0
         while done < count:
             i = offset_pages + done
+            css = self.h.misc_of(pid)  # each page charges `current`'s cgroup as it is now
             nxt = encl.pages.next_start(i)
             if nxt is not None and nxt <= i:
                 raise KernelError(errno.EBUSY, f"page {i} already added", count=done)
@@ -284,9 +284,10 @@ class Sgx:
         pages = encl.pages
         end = min(first + count, encl.size_pages)
         pos = first
-        for run in pages.overlapping(first, end):
-            if run.start > pos or run.state is RunState.EVICTED:
-                break
+        # Run by run, stopping at the first that is not resident: a list of every run
+        # up to `end` would cost a fragmented range its whole length at each fault.
+        while pos < end and (run := pages.get(pos)) is not None \
+                and run.state is not RunState.EVICTED:
             pos = min(run.end, end)
         if pos == first:
             return 0

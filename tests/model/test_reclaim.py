@@ -248,3 +248,46 @@ def test_an_allocation_between_its_steps_keeps_every_page_accounted():
         check_invariants(sgx)
         if close_after is None:
             assert seen == {True, False} and len(sgx.enclaves) == 2
+
+
+def test_add_pages_charges_the_cgroup_the_process_is_in_at_each_page():
+    """A process moved while its ADD_PAGES is in progress: the pages added after the move
+    are charged to its new cgroup, as each allocation charges `current`'s."""
+    h, sgx = make_sgx()
+    a, b = cgroup(h, "a", 100), cgroup(h, "b")
+    encl = sgx.create(100, 1 << 24)
+    steps = sgx.add_pages.steps(encl, 100, 0, 2048, False)
+    next(steps)
+    steps.send(None)  # a first chunk, charged to a
+    before = usage_pages(a)
+    h.move(100, b)
+    with pytest.raises(StopIteration):
+        while True:
+            steps.send(None)
+    assert usage_pages(a) == before
+    assert usage_pages(b) > 0
+    check_invariants(sgx)
+
+
+def test_edmm_over_evicted_pages_charges_the_cgroup_the_process_moved_to():
+    """RESTRICT_PERMISSIONS over evicted pages, the process moved after its first step to
+    a cgroup of 8 pages: the loads charge the new cgroup and reclaim there as they go,
+    instead of failing a charge the old cgroup's room had promised (EBUSY)."""
+    h, sgx = make_sgx()
+    cgroup(h, "a", 200)
+    b = cgroup(h, "b", misc_max=8 * PAGE_SIZE)
+    encl = sgx.create(200, 1 << 22)
+    sgx.add_pages(encl, 200, 0, 1024, False)
+    sgx.init(encl)
+    while sgx.reclaim.can_reclaim_global():
+        sgx.reclaim.reclaim_global(None)
+    assert encl.nr_evicted
+    steps = sgx.edmm.restrict_permissions.steps(encl, 200, 0, 1024)
+    steps.send(None)
+    h.move(200, b)
+    with pytest.raises(StopIteration) as done:
+        while True:
+            steps.send(None)
+    assert done.value.value == 1024
+    assert usage_pages(b) <= 8
+    check_invariants(sgx)
