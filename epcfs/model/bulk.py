@@ -108,11 +108,18 @@ class BulkLoader:
         k = rounds_for(total, headroom)
         evict = SGX_NR_TO_SCAN * k
         lru_before = epc_cg(self.sgx.h.root.misc).subtree_lru
-        segs, free_after = self._alloc_plan(css, pref, total, headroom, k)
-        self._evict_prefix(css, pid, evict)
-        for node in self.sgx.epc.nodes.values():
-            node.free = free_after[node.nid]
-        self.sgx.epc.free_total = sum(free_after.values())
+        reclaim = self.sgx.reclaim
+        if k:
+            last = total - headroom - SGX_NR_TO_SCAN * (k - 1)
+            segs, free_after = self.sgx.epc.plan(pref, headroom, reclaim.head_nodes(css, evict),
+                                                 SGX_NR_TO_SCAN, k, last)
+        else:
+            segs, free_after = self.sgx.epc.plan(pref, total, [], SGX_NR_TO_SCAN, 0, 0)
+        for backing in reclaim.write_back_head(css, evict, pid):
+            charged = self.sgx.h.mem.memory_try_charge(
+                backing.memcg, backing.pages, owner=backing.encl.owner, current=pid)
+            assert charged, "bulk eviction overran the memcg room it checked"
+        self.sgx.epc.set_free(free_after)
         self._commit_misc(css, chain, usage, heads.index(headroom), headroom, total, evict, k)
         page_runs, va_nodes = self._assign(segs, c0, pages)
         for lo_i, hi_i, nid in page_runs:
@@ -163,115 +170,6 @@ class BulkLoader:
             taken[encl] += take
             pos += take
         return k
-
-    def _alloc_plan(self, css: MiscCss, pref: list[int], total: int, headroom: int,
-                    k: int) -> tuple[list[tuple[int, int]], dict[int, int]]:
-        """The node of every allocation, in order, as [(nid, count)]: `headroom`
-        allocations, then k times (a round frees 16 LRU-head pages onto their nodes, up
-        to 16 allocations follow), each allocation from the first node in `pref` with a
-        free page. Also returns the free counts afterwards.
-
-        Rounds whose 16 pages all come from one node are taken together: the nodes ahead
-        of it in `pref` are drained first either way, and it never runs out meanwhile."""
-        free = {nid: node.free for nid, node in self.sgx.epc.nodes.items()}
-        segs: list[tuple[int, int]] = []
-
-        def take(count: int) -> None:
-            for nid in pref:
-                if not count:
-                    break
-                t = min(free[nid], count)
-                if t:
-                    free[nid] -= t
-                    count -= t
-                    if segs and segs[-1][0] == nid:
-                        segs[-1] = (nid, segs[-1][1] + t)
-                    else:
-                        segs.append((nid, t))
-            assert not count, "bulk plan ran out of free pages"
-
-        if not k:
-            take(total)
-            return segs, free
-        take(headroom)
-        refills: list[list[int]] = []  # [nid, pages] of the LRU prefix, merged by node
-        remaining = SGX_NR_TO_SCAN * k
-        for run in epc_cg(css).lru:
-            if not remaining:
-                break
-            t = min(len(run), remaining)
-            if refills and refills[-1][0] == run.node:
-                refills[-1][1] += t
-            else:
-                refills.append([run.node, t])
-            remaining -= t
-        last = total - headroom - SGX_NR_TO_SCAN * (k - 1)
-        done = seg = off = 0
-        while done < k:
-            nid, length = refills[seg]
-            whole = min(k - done, (length - off) // SGX_NR_TO_SCAN)
-            if whole:
-                free[nid] += SGX_NR_TO_SCAN * whole
-                off += SGX_NR_TO_SCAN * whole
-                done += whole
-                take(SGX_NR_TO_SCAN * (whole - 1) + (last if done == k else SGX_NR_TO_SCAN))
-            else:
-                need = SGX_NR_TO_SCAN
-                while need:
-                    nid, length = refills[seg]
-                    t = min(need, length - off)
-                    free[nid] += t
-                    need -= t
-                    off += t
-                    if off == length:
-                        seg, off = seg + 1, 0
-                done += 1
-                take(last if done == k else SGX_NR_TO_SCAN)
-            if seg < len(refills) and off == refills[seg][1]:
-                seg, off = seg + 1, 0
-        return segs, free
-
-    def _evict_prefix(self, css: MiscCss, pid: int, count: int) -> None:
-        """Write back the first `count` pages of css's LRU as k try_charge rounds would:
-        backing charged to pid's memcg, one VA slot each, ETRACK once per enclave per
-        batch of SGX_NR_TO_SCAN, EPC pages back on their nodes (free counts are set by
-        the caller) and uncharged in the caller's misc commit."""
-        if not count:
-            return
-        memcg = self.sgx.h.memcg_of(pid)
-        lru = epc_cg(css).lru
-        pos = 0
-        batch_no, batch_encls = -1, set()
-        while pos < count:
-            run = lru.head
-            take = min(len(run), count - pos)
-            encl = run.encl
-            if take < len(run):
-                encl.pages.cut(run.start + take)
-            self.sgx.reclaim.lru_unlink(run)
-            gaps = encl.pcmd_missing(run.start, run.end)
-            charged = self.sgx.h.mem.memory_try_charge(
-                memcg, take + sum(g1 - g0 for g0, g1 in gaps), owner=encl.owner, current=pid)
-            assert charged, "bulk eviction overran the memcg room it checked"
-            encl.pcmd_add(gaps, memcg)
-            first_batch, last_batch = pos // SGX_NR_TO_SCAN, (pos + take - 1) // SGX_NR_TO_SCAN
-            if first_batch != batch_no:
-                batch_no, batch_encls = first_batch, set()
-            if encl not in batch_encls:
-                batch_encls.add(encl)
-                self.sgx.encls["ETRACK"] += 1
-            if last_batch != first_batch:
-                self.sgx.encls["ETRACK"] += last_batch - first_batch
-                batch_no, batch_encls = last_batch, {encl}
-            run.state = RunState.EVICTED
-            run.memcg = memcg
-            run.node = -1
-            run.css = None
-            encl.children_written_back(take)
-            encl.pages.merge(run)
-            pos += take
-        self.sgx.encls["EBLOCK"] += count
-        self.sgx.encls["EWB"] += count
 
     def _commit_misc(self, css: MiscCss, chain: list[MiscCss], usage: list[int],
                      fail_at: int, headroom: int, total: int, evict: int, k: int) -> None:

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from .constants import ADD_CHUNK, PAGE_SIZE, SGX_EPC, SGX_NR_LOW_PAGES, SgxPageType
+from .conveyor import DIRECT
 from .engine import ALONE, Steps, operation
 from .epc_cgroup import reclaim_threshold
 from .errors import KernelError
@@ -61,7 +62,9 @@ class Edmm:
         and every no-reclaim allocation succeed: usage stays below the css's reclaim
         threshold, free pages at SGX_NR_LOW_PAGES or more before each page. Page i's
         success tells the rest's, which share its attributes. With a driver that is
-        not ALONE such a step loads at most ADD_CHUNK pages.
+        not ALONE such a step loads at most ADD_CHUNK pages; with one that is, the
+        cycles beyond it (a round of direct reclaim, 16 loads) are folded too
+        (conveyor.py, DIRECT).
         Sgx(bulk=False) goes page by page (tests compare the two)."""
         self.check_edmm(encl, first, count)
         pref = self.sgx.epc.preference(node)
@@ -91,9 +94,17 @@ class Edmm:
                         not reclaim.should_reclaim_global(SGX_NR_LOW_PAGES):
                     n = min(run.end, first + count) - i
                 pages(i, n, run)
+                if self.sgx.bulk and not resident_after and i + n < evicted_end:
+                    n += self._remove_evicted(encl, css, i + n, min(
+                        evicted_end - i - n, count if alone else ADD_CHUNK))
                 if self.sgx.bulk and resident_after and i + n < evicted_end:
                     n += self._eldu_rest(encl, pid, css, i + n, min(
                         evicted_end - i - n, count if alone else ADD_CHUNK), pref, pages)
+                    if alone and i + n < evicted_end:
+                        m = self.sgx.conveyor.fold(encl, pid, i + n, evicted_end - i - n,
+                                                   DIRECT, pref)
+                        self._change_loaded(encl, i + n, m, pages)
+                        n += m
             except KernelError as e:
                 e.count = c
                 raise
@@ -118,13 +129,46 @@ class Edmm:
         if m <= 0:
             return 0
         self.sgx.eldu_run(encl, pid, j, m, pref)
+        self._change_loaded(encl, j, m, pages)
+        return m
+
+    def _remove_evicted(self, encl: Enclave, css: MiscCss, j: int, most: int) -> int:
+        """REMOVE_PAGES over the evicted pages [j, j+most), the rest of the run whose
+        first page was just loaded and removed, in one go; returns how many (0: none).
+
+        Each page is loaded (ELDU) and at once EREMOVEd and freed, so free pages and
+        usage end every page where they began: if direct reclaim was idle before the
+        first (free pages at SGX_NR_LOW_PAGES or more, usage below the threshold) it
+        stays idle for all, and each allocation succeeds as the first did, on the same
+        node, its transient charge raising no peak the first did not."""
+        sgx = self.sgx
+        if sgx.epc.free_total < SGX_NR_LOW_PAGES or sgx.reclaim.should_reclaim(css) \
+                or encl.secs_css is None:
+            return 0
+        pages = encl.pages
+        pages.cut(j)
+        pages.cut(j + most)
+        run = pages.get(j)
+        for leaf in ("ELDU", "EMODPR", "EREMOVE"):
+            sgx.encls[leaf] += most
+        encl.slot_freed(most)
+        sgx.h.mem.memory_uncharge(run.memcg, most, encl.owner)
+        for memcg, n in encl.pcmd_drop(encl.pcmd_emptied(j, j + most)):
+            sgx.h.mem.memory_uncharge(memcg, n, encl.owner)
+        pages.remove(run)
+        encl.child_loaded(most)
+        encl.child_removed(most)
+        return most
+
+    def _change_loaded(self, encl: Enclave, j: int, m: int,
+                       pages: Callable[[int, int, Run], None]) -> None:
+        """The ioctl's change over pages [j, j+m) just loaded, run by run."""
         pos = j
         while pos < j + m:
             piece = encl.pages.get(pos)
             n = min(piece.end, j + m) - pos
             pages(pos, n, piece)
             pos += n
-        return m
 
     def _set_pages(self, encl: Enclave, i: int, n: int, **attrs) -> None:
         """Pages [i, i+n), within one run, take new attributes."""

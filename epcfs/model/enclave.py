@@ -173,7 +173,7 @@ class Enclave:
         if self.secs_memcg is not None and lo <= s < hi and not a <= s < b:
             return True
         for run in self.pages.overlapping(lo, hi):
-            if run.state is RunState.EVICTED and (run.start < a or run.end > b):
+            if run.state is RunState.EVICTED and (max(run.start, lo) < a or min(run.end, hi) > b):
                 return True
         return False
 

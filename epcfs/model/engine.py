@@ -18,13 +18,20 @@ What a step yields tells the driver how to go on:
   throws Blocked into the operation, which gives back what it held and reports how far
   it got (Blocked.count).
 
-The value a driver sends back in is ALONE when no other task can run between this
-operation's steps: then ADD_PAGES may fold whole reclaim rounds into one closed-form
-step (bulk.py), because nobody could have observed the states in between.
+The value a driver sends back in says who else runs between this operation's steps:
 
-Drivers: `run` here (model tests, benchmarks, the fs layer's synchronous calls); the
-stateful test interleaves several generators itself; the service's trio driver
-(service/steps.py) awaits each step's cost in simulated time.
+- ALONE: nobody. ADD_PAGES may fold whole reclaim rounds into one closed-form step
+  (bulk.py), an EDMM ioctl whole cycles of direct reclaim and loads (conveyor.py),
+  because nobody could have observed the states in between.
+- RECLAIMERS: only the reclaimers (the queued work items, then ksgxd), each run to its
+  end at every WAIT. An enclave's accesses may then fold whole cycles of faults that
+  wait and the reclaim rounds that let them go on (conveyor.py).
+- None: anyone (the service): every step is as the kernel takes it.
+
+Drivers: `run` here (model tests, benchmarks, the fs layer's synchronous calls), alone
+or with the reclaimers beside it; the stateful test interleaves several generators
+itself; the service's trio driver (service/steps.py) awaits each step's cost in
+simulated time.
 
 If a generator is closed early (its caller is gone), it cleans up as the kernel would
 at its next signal check: a batch in flight still completes, an allocation in progress
@@ -53,13 +60,19 @@ WAIT = Wait()
 ALONE = object()
 """Sent into an operation by a driver that runs nothing else between its steps."""
 
+RECLAIMERS = object()
+"""Sent into an operation by a driver that runs only the reclaimers beside it, at WAITs."""
+
 Steps = Generator["Wait | None", Any, T]
 
 
-def run(steps: Steps[T]) -> T:
-    """The synchronous driver: run one operation to completion, no other task between
-    its steps. At a WAIT nothing could change, so Blocked is thrown into the operation
-    and propagates out of this call."""
+def run(steps: Steps[T], reclaimers: Callable[[], bool] | None = None) -> T:
+    """The synchronous driver: run one operation to completion. Without `reclaimers`
+    no other task runs between its steps: at a WAIT nothing could change, so Blocked is
+    thrown into the operation and propagates out of this call. With it, each WAIT
+    first runs `reclaimers()` (the reclaimers' turn, Reclaim.catch_up), and Blocked is
+    thrown only if that says nothing changed."""
+    token = ALONE if reclaimers is None else RECLAIMERS
     value: Any = None
     blocked = False
     while True:
@@ -67,8 +80,8 @@ def run(steps: Steps[T]) -> T:
             step = steps.throw(Blocked()) if blocked else steps.send(value)
         except StopIteration as stop:
             return stop.value
-        blocked = step is WAIT
-        value = ALONE
+        blocked = step is WAIT and (reclaimers is None or not reclaimers())
+        value = token
 
 
 class operation(Generic[T]):  # noqa: N801 (used as a decorator, like property)

@@ -89,6 +89,66 @@ class Epc:
         self.free_total -= sum(n for _, n in out)
         return out
 
+    def plan(self, pref: list[int], first: int, refills: list[tuple[int, int]], per: int,
+             k: int, last: int) -> tuple[list[tuple[int, int]], dict[int, int]]:
+        """The nodes a stretch of allocations gets while reclaim refills the free lists,
+        without changing anything: `first` allocations, then k times (`per` pages freed
+        onto their nodes, taken in order from `refills` [(nid, pages)], then `per`
+        allocations; `last` the final time), each allocation from the first node in
+        `pref` with a free page. Returns [(nid, count)] in allocation order and the free
+        counts after.
+
+        Refills whose pages all come from one node are taken together: the nodes ahead of
+        it in `pref` are drained first either way, and it never runs out meanwhile."""
+        free = {nid: node.free for nid, node in self.nodes.items()}
+        segs: list[tuple[int, int]] = []
+
+        def take(count: int) -> None:
+            for nid in pref:
+                if not count:
+                    break
+                t = min(free[nid], count)
+                if t:
+                    free[nid] -= t
+                    count -= t
+                    if segs and segs[-1][0] == nid:
+                        segs[-1] = (nid, segs[-1][1] + t)
+                    else:
+                        segs.append((nid, t))
+            assert not count, "allocation plan ran out of free pages"
+
+        take(first)
+        done = seg = off = 0
+        while done < k:
+            nid, length = refills[seg]
+            whole = min(k - done, (length - off) // per)
+            if whole:
+                free[nid] += per * whole
+                off += per * whole
+                done += whole
+                take(per * (whole - 1) + (last if done == k else per))
+            else:
+                need = per
+                while need:
+                    nid, length = refills[seg]
+                    t = min(need, length - off)
+                    free[nid] += t
+                    need -= t
+                    off += t
+                    if off == length:
+                        seg, off = seg + 1, 0
+                done += 1
+                take(last if done == k else per)
+            if seg < len(refills) and off == refills[seg][1]:
+                seg, off = seg + 1, 0
+        return segs, free
+
+    def set_free(self, free: dict[int, int]) -> None:
+        """Every node's free count as a plan left it."""
+        for nid, count in free.items():
+            self.nodes[nid].free = count
+        self.free_total = sum(free.values())
+
     def give(self, nid: int, count: int) -> None:
         """Put pages back on their node's free list (sgx_free_epc_page)."""
         self.nodes[nid].free += count

@@ -61,6 +61,14 @@ class MiscCss:
             yield css
             css = css.parent
 
+    def walk(self):
+        """This css and its descendants (dying ones included), in pre-order."""
+        stack = [self]
+        while stack:
+            css = stack.pop()
+            yield css
+            stack.extend(reversed(css.children))
+
     def idle(self) -> bool:
         return all(r.usage == 0 for r in self.res.values())
 
@@ -86,17 +94,25 @@ class Misc:
             raise KernelError(errno.EINVAL, f"misc resource {name} has no capacity")
         if amount == 0:
             return
-        charged: list[MiscRes] = []
+        refusing = self.refusing_level(name, css, amount)
         for level in css.ancestors():
-            res = level.res[name]
-            res.usage += amount
-            charged.append(res)
-            if res.usage > res.max or res.usage > self.capacity[name]:
-                for r in charged:
-                    r.usage -= amount
+            if level is refusing:
                 self.count_failure(name, level)
                 raise KernelError(errno.EBUSY, f"{name} over limit at {level.cgroup.path}")
-            res.watermark = max(res.watermark, res.usage)
+            res = level.res[name]
+            res.watermark = max(res.watermark, res.usage + amount)
+        for level in css.ancestors():
+            level.res[name].usage += amount
+
+    def refusing_level(self, name: str, css: MiscCss, amount: int) -> MiscCss | None:
+        """The level at which charging `amount` to css would fail (usage over its max or
+        over the capacity), nearest first; None if it fits everywhere."""
+        capacity = self.capacity[name]
+        for level in css.ancestors():
+            res = level.res[name]
+            if res.usage + amount > res.max or res.usage + amount > capacity:
+                return level
+        return None
 
     def count_failure(self, name: str, level: MiscCss, times: int = 1) -> None:
         """The events of `times` charges that failed at `level`: events.local there,

@@ -43,8 +43,15 @@ from .constants import (
     SGX_NR_LOW_PAGES,
     SGX_NR_TO_SCAN,
 )
-from .engine import Steps, operation
-from .epc_cgroup import epc_cg, lru_changed, lru_empty, next_get, should_reclaim
+from .engine import ALONE, Steps, operation
+from .epc_cgroup import (
+    epc_cg,
+    lru_changed,
+    lru_empty,
+    next_descendant_pre,
+    next_get,
+    should_reclaim,
+)
 from .runs import Run, RunState
 
 if TYPE_CHECKING:
@@ -106,15 +113,35 @@ class Round:
         self.failed += other.failed
 
 
+@dataclass
+class Backing:
+    """The backing store one stretch of write_back_head owes: `take` pages of `encl`
+    from index `start`, the `pos`-th page written back onwards, charged to `memcg`, and
+    the PCMD pages [g0, g1) they needed first."""
+
+    encl: Enclave
+    memcg: MemCss
+    pos: int
+    start: int
+    take: int
+    gaps: list[tuple[int, int]]
+
+    @property
+    def pages(self) -> int:
+        return self.take + sum(g1 - g0 for g0, g1 in self.gaps)
+
+
 class Reclaim:
     """EPC reclamation for one Sgx (Sgx.reclaim): the LRUs' bookkeeping, the batches in
     flight, the queued work items and ksgxd's wake-up. `encls` is the Sgx's counter of
     ENCLS leaves, which reclaim adds to."""
 
-    def __init__(self, h: Hierarchy, epc: Epc, encls: Counter[str]) -> None:
+    def __init__(self, h: Hierarchy, epc: Epc, encls: Counter[str], bulk: bool = True) -> None:
         self.h = h
         self.epc = epc
         self.encls = encls
+        self.bulk = bulk
+        """Whether loops run alone may fold rounds that only pass young pages over."""
         self.batches: list[Batch] = []
         """Batches between their steps (isolated or written back, not yet freed)."""
         self.async_work: dict[MiscCss, None] = {}
@@ -294,6 +321,111 @@ class Reclaim:
         self.batches.remove(batch)
         return freed
 
+    # -- closed forms of many full batches, for the folds (bulk.py, conveyor.py) -------
+
+    def head_nodes(self, css: MiscCss, count: int) -> list[tuple[int, int]]:
+        """The nodes of the first `count` pages of css's LRU: [(nid, pages)] in order."""
+        out: list[tuple[int, int]] = []
+        for run in epc_cg(css).lru:
+            if not count:
+                break
+            t = min(len(run), count)
+            if out and out[-1][0] == run.node:
+                out[-1] = (run.node, out[-1][1] + t)
+            else:
+                out.append((run.node, t))
+            count -= t
+        return out
+
+    def write_back_head(self, css: MiscCss, count: int,
+                        charge_pid: int | None) -> list[Backing]:
+        """The first `count` pages of css's LRU written back as count/SGX_NR_TO_SCAN full
+        batches would write them, none of them young and every backing charge certain to
+        fit: one VA slot each, EBLOCK and EWB each, ETRACK once per enclave per batch.
+        The caller frees their EPC pages, uncharges their misc css and charges the
+        backing store this returns (by when, for memory.peak), and owns the ordering."""
+        lru = epc_cg(css).lru
+        out: list[Backing] = []
+        pos = 0
+        batch_no, batch_encls = -1, set()
+        while pos < count:
+            run = lru.head
+            take = min(len(run), count - pos)
+            encl = run.encl
+            if take < len(run):
+                encl.pages.cut(run.start + take)
+            self.lru_unlink(run)
+            memcg = self._backing_memcg(encl, charge_pid)
+            out.append(Backing(encl, memcg, pos, run.start, take,
+                               encl.pcmd_missing(run.start, run.end)))
+            encl.pcmd_add(out[-1].gaps, memcg)
+            first_batch = pos // SGX_NR_TO_SCAN
+            last_batch = (pos + take - 1) // SGX_NR_TO_SCAN
+            if first_batch != batch_no:
+                batch_no, batch_encls = first_batch, set()
+            if encl not in batch_encls:
+                batch_encls.add(encl)
+                self.encls["ETRACK"] += 1
+            if last_batch != first_batch:
+                self.encls["ETRACK"] += last_batch - first_batch
+                batch_no, batch_encls = last_batch, {encl}
+            run.state = RunState.EVICTED
+            run.memcg = memcg
+            run.node = -1
+            run.css = None
+            encl.children_written_back(take)
+            encl.pages.merge(run)
+            pos += take
+        self.encls["EBLOCK"] += count
+        self.encls["EWB"] += count
+        return out
+
+    def pass_young(self, root: MiscCss) -> int:
+        """The rounds under `root` that would only pass over young pages, taken at once
+        (for a loop whose driver runs it alone). Each would be one batch of the only
+        css in root's subtree holding reclaimable pages, all young: they go to the tail
+        cleared, nothing is freed and the loop goes on. Returns the pages scanned."""
+        holders = [css for css in root.walk() if css.epc is not None and css.epc.lru.pages]
+        if len(holders) != 1:
+            return 0
+        (holder,) = holders
+        young = 0
+        for run in epc_cg(holder).lru:
+            if not run.young:
+                break
+            young += len(run)
+        count = young - young % SGX_NR_TO_SCAN
+        if count:
+            self.age_head(holder, count)
+            epc_cg(root).next_cg = next_descendant_pre(root, holder)
+        return count
+
+    def catch_up(self) -> bool:
+        """The reclaimers' turn beside an operation that waits (engine.run's
+        `reclaimers`): every queued work item runs to its end, then ksgxd. True if they
+        freed anything: otherwise the operation would find nothing changed and wait
+        forever (e.g. every backing charge fails at a memcg limit)."""
+        freed = 0
+        for css in list(self.async_work):
+            freed += self.work_item(css).freed
+        self._ksgxd_wake = False
+        freed += self.ksgxd().freed
+        return freed > 0
+
+    def age_head(self, css: MiscCss, count: int) -> None:
+        """The first `count` pages of css's LRU, all young, passed over by count/16 full
+        batches: each goes to the tail, in order, its accessed bit cleared."""
+        lru = epc_cg(css).lru
+        while count:
+            run = lru.head
+            take = min(len(run), count)
+            if take < len(run):
+                run.encl.pages.cut(run.start + take)
+            self.lru_unlink(run)
+            run.young = False
+            self.lru_append(run)
+            count -= take
+
     @operation
     def reclaim_pages(self, css: MiscCss, charge_pid: int | None = None) -> Steps[Batch]:
         """sgx_reclaim_pages: one batch, its three steps with a preemption point between
@@ -365,8 +497,11 @@ class Reclaim:
         Decision: a round that freed nothing because backing charges failed ends the
         run (the kernel's ksgxd would spin until the memcg OOM victim exits); the next
         allocation that leaves free pages low wakes it again."""
+        alone = (yield) is ALONE
         done = Round()
         while self.should_wake_ksgxd():
+            if alone and self.bulk:
+                done.scanned += self.pass_young(self.h.root.misc)
             last = yield from self.reclaim_global.steps(None)
             done.merge(last)
             if not last.freed and last.failed:
@@ -407,8 +542,11 @@ class Reclaim:
         limit. A css whose item is not queued does nothing. As ksgxd, a round that freed
         nothing because backing charges failed ends the item (it is queued again by the
         next no-reclaim failure)."""
+        alone = (yield) is ALONE
         done = Round()
         while self.work_pending(css):
+            if alone and self.bulk:
+                done.scanned += self.pass_young(css)
             last = yield from self.cgroup_reclaim_pages.steps(css, None, SGX_NR_TO_SCAN)
             done.merge(last)
             if not last.freed and last.failed:

@@ -37,9 +37,10 @@ from .constants import (
     SGX_VA_SLOT_COUNT,
     SgxPageType,
 )
+from .conveyor import KSGXD, Conveyor
 from .edmm import Edmm
 from .enclave import Enclave, Vepc
-from .engine import ALONE, Steps, operation
+from .engine import ALONE, RECLAIMERS, WAIT, Steps, operation
 from .engine import run as run_steps
 from .epc import Epc
 from .epc_cgroup import epc_cg, forget_css
@@ -82,7 +83,7 @@ class Sgx:
         """Cumulative count of ENCLS (and EACCEPT, EPA) leaves performed, by name."""
         self.enclaves: dict[int, Enclave] = {}
         self.vepcs: dict[int, Vepc] = {}
-        self.reclaim = Reclaim(hierarchy, self.epc, self.encls)
+        self.reclaim = Reclaim(hierarchy, self.epc, self.encls, bulk)
         """Reclamation: LRUs, batches, ksgxd and the work items (reclaim.py)."""
         self.allocator = Allocator(hierarchy, self.epc, self.reclaim)
         """Allocation and charge of every EPC page (alloc.py)."""
@@ -90,6 +91,9 @@ class Sgx:
         """ADD_PAGES in closed form (bulk.py), when `bulk`."""
         self.edmm = Edmm(self)
         """The SGX2 EDMM ioctls and EACCEPT (edmm.py)."""
+        self.conveyor = Conveyor(self)
+        """Loads of evicted stretches with the reclaim that makes room, in closed form
+        (conveyor.py), when `bulk`."""
         self._next_id = 1
 
     # -- boot ------------------------------------------------------------------------
@@ -297,6 +301,40 @@ class Sgx:
             pages.merge(pages.get(run.start))
         return pos - first
 
+    @operation
+    def touch(self, encl: Enclave, pid: int, first: int, count: int,
+              node: int | None = None) -> Steps[Fault]:
+        """The enclave accesses `count` pages from `first`, in order: each run of
+        resident pages is a step (touch_resident), every other page goes through the
+        fault handler, a step each. Returns Fault.OK, or Fault.SIGBUS at the first page
+        that gets it. A fault answered RETRY waits (WAIT) and faults again; Blocked
+        (the synchronous driver alone) carries the pages done as `count`.
+
+        With the reclaimers beside it (RECLAIMERS) and nothing else, whole cycles of
+        faults that wait and the rounds that let them go on are one step (conveyor.py)."""
+        token = yield
+        pref = self.epc.preference(node)
+        i, end = first, first + count
+        while i < end:
+            n = self.touch_resident(encl, i, end - i)
+            if not n:
+                outcome = self.fault(encl, pid, i, node)
+                if outcome is Fault.SIGBUS:
+                    return outcome
+                n = outcome is Fault.OK
+                if not n and token is RECLAIMERS and self.bulk:
+                    n = self.conveyor.fold(encl, pid, i, end - i, KSGXD, pref)
+                if not n:
+                    try:
+                        token = yield WAIT
+                    except Blocked as e:
+                        e.count = i - first
+                        raise
+                    continue
+            i += n
+            token = yield
+        return Fault.OK
+
     def _eldu(self, encl: Enclave, pid: int, i: int, pref: list[int], young: bool) -> None:
         """sgx_encl_load_page for an evicted child: SECS first if needed, then ELDU the
         page on the no-reclaim path; it goes back on the LRU tail. If the child's page
@@ -325,28 +363,37 @@ class Sgx:
         css = self.h.misc_of(pid)
         lru_was_empty = not self.reclaim.can_reclaim_global()
         self.h.misc.try_charge(SGX_EPC, css, count * PAGE_SIZE)
+        memcg = self.load_run(encl, first, count, css, self.epc.take(pref, count), False)
+        self.h.mem.memory_uncharge(memcg, count, encl.owner)
+        for mc, n in encl.pcmd_drop(encl.pcmd_emptied(first, first + count)):
+            self.h.mem.memory_uncharge(mc, n, encl.owner)
+        # Allocation p (0-based) left free_total + count - p - 1 pages free, checked
+        # before its page joined the LRU: only the last one can be the first below LOW.
+        if self.epc.free_total < SGX_NR_LOW_PAGES and (count > 1 or not lru_was_empty):
+            self.reclaim.wake_ksgxd()
+
+    def load_run(self, encl: Enclave, first: int, count: int, css: MiscCss,
+                 nodes: list[tuple[int, int]], young: bool) -> MemCss:
+        """ELDU of the evicted pages [first, first+count), all of one run, onto the
+        nodes [(nid, pages)] in order, each onto css's LRU tail: their VA slots are free,
+        they are resident children again. Returns the memcg their contents pages were
+        charged to; the backing store (and PCMD pages) is the caller's to uncharge."""
         pages = encl.pages
         pages.cut(first)
         pages.cut(first + count)
         memcg = pages.get(first).memcg
         self.encls["ELDU"] += count
         encl.slot_freed(count)
-        self.h.mem.memory_uncharge(memcg, count, encl.owner)
-        for mc, n in encl.pcmd_drop(encl.pcmd_emptied(first, first + count)):
-            self.h.mem.memory_uncharge(mc, n, encl.owner)
         encl.child_loaded(count)
         pos = first
-        for nid, n in self.epc.take(pref, count):
+        for nid, n in nodes:
             pages.cut(pos + n)
             run = pages.get(pos)
             run.memcg = None
-            run.node, run.css, run.young = nid, css, False
+            run.node, run.css, run.young = nid, css, young
             self.reclaim.lru_append(run)
             pos += n
-        # Allocation p (0-based) left free_total + count - p - 1 pages free, checked
-        # before its page joined the LRU: only the last one can be the first below LOW.
-        if self.epc.free_total < SGX_NR_LOW_PAGES and (count > 1 or not lru_was_empty):
-            self.reclaim.wake_ksgxd()
+        return memcg
 
     def _load_secs(self, encl: Enclave, css: MiscCss, pid: int, pref: list[int]) -> None:
         """sgx_encl_load_secs: ELDU the SECS (no reclaim) if it was written back."""

@@ -28,23 +28,9 @@ from ..model.errors import KernelError
 from ..model.sgx import Fault, Sgx
 from ..protocol import MAX_MESSAGE, Malformed, check, decode, encode
 from .complaints import Complaints
-from .steps import Stepper
+from .steps import WAIT_MAX, WAIT_TICK, Stepper
 
 log = logging.getLogger(__name__)
-
-RETRY_TICK = 0.001
-"""Seconds before a faulting access the handler answered RETRY (EBUSY on the no-reclaim
-path) tries again: the kernel's task refaults at once; the tick lets the async work item
-the failure queued run meanwhile."""
-
-RETRY_MAX = 0.25
-"""Longest wait between two tries of a fault that keeps getting RETRY. The kernel's task
-refaults for as long as nothing changes (e.g. the EPC is full, its one reclaimable page
-is in a cgroup without a limit, so no work item reclaims, and nothing woke ksgxd): the
-request stays pending until another task frees or reclaims a page, or the caller dies.
-The wait doubles from RETRY_TICK up to this, so a pending fault costs a few model calls
-a second, not a spinning daemon, and still sees a change within a quarter second."""
-
 
 class Gone(Exception):
     """The peer process hung up while its request was in progress."""
@@ -166,28 +152,23 @@ class EnclaveServer:
 
     async def touch_in(self, conn: Connection, encl: Enclave, first: int,
                        count: int) -> dict | None:
-        """The enclave accesses `count` pages from `first`: runs of resident pages take
-        one step each, every other page goes through the fault handler. Returns a SIGBUS
-        reply if the kernel would have sent one."""
-        i, end = first, first + count
-        while i < end:
-            i += await self.step(conn, self.sgx.touch_resident, encl, i, end - i)
-            if i < end:
-                if bus := await self.fault_in(conn, self.sgx.fault, encl, i, 1):
-                    return bus
-                i += 1
-        return None
+        """The enclave accesses `count` pages from `first` (Sgx.touch: runs of resident
+        pages a step each, every other page through the fault handler, waiting while it
+        says RETRY). Returns a SIGBUS reply if the kernel would have sent one."""
+        outcome = await self.operation(conn, "touch", self.sgx.touch.steps(
+            encl, conn.pid, first, count))
+        return {"signal": "SIGBUS"} if outcome is Fault.SIGBUS else None
 
     async def fault_in(self, conn: Connection, fn: Callable, encl, first: int,
                        count: int) -> dict | None:
         """Accesses to `count` pages: each retried while the fault handler says RETRY,
-        backing off from RETRY_TICK to RETRY_MAX. Returns a SIGBUS reply if the kernel
+        backing off from WAIT_TICK to WAIT_MAX. Returns a SIGBUS reply if the kernel
         would have sent one."""
         for i in range(first, first + count):
-            wait = RETRY_TICK
+            wait = WAIT_TICK
             while (outcome := await self.step(conn, fn, encl, conn.pid, i)) is Fault.RETRY:
                 await trio.sleep(wait)
-                wait = min(2 * wait, RETRY_MAX)
+                wait = min(2 * wait, WAIT_MAX)
             if outcome is Fault.SIGBUS:
                 return {"signal": "SIGBUS"}
         return None

@@ -23,9 +23,18 @@ from .trace import Tracer
 T = TypeVar("T")
 
 WAIT_TICK = 0.001
-"""Seconds before an operation that WAITs (the kernel spins in cond_resched until an OOM
-victim exits) is resumed: the kernel retries at once; the tick lets the victim's exit
-and the reclaimers run meanwhile."""
+"""Seconds before an operation that WAITs is resumed, or a faulting access the handler
+answered RETRY (EBUSY on the no-reclaim path) tries again: the kernel retries at once
+(cond_resched in a retry loop, or the task refaults); the tick lets the reclaimers, the
+work item the failure queued, or an OOM victim's exit run meanwhile."""
+
+WAIT_MAX = 0.25
+"""Longest pause between two tries of an operation that keeps waiting. The kernel's task
+retries for as long as nothing changes (e.g. the EPC is full, its one reclaimable page
+is in a cgroup without a limit, so no work item reclaims, and nothing woke ksgxd): the
+request stays pending until another task frees or reclaims a page, or the caller dies.
+The pause doubles from WAIT_TICK up to this, so a pending operation costs a few model
+calls a second, not a spinning daemon, and still sees a change within a quarter second."""
 
 
 class Stepper:
@@ -65,6 +74,7 @@ class Stepper:
         cleans up as the kernel would at a signal check, and propagates. So does cancellation."""
         traced = self.tracer.operation(name, steps, css, pid)
         value = None
+        pause = WAIT_TICK
         try:
             while True:
                 if alive is not None:
@@ -78,7 +88,10 @@ class Stepper:
                     await trio.sleep(cost(before, self.sgx.encls, self.scale))
                     traced.settled()
                 if step is WAIT:
-                    await trio.sleep(WAIT_TICK)
+                    await trio.sleep(pause)
+                    pause = min(2 * pause, WAIT_MAX)
+                else:
+                    pause = WAIT_TICK
         except StopIteration as stop:
             return stop.value
         finally:

@@ -20,7 +20,7 @@ from epcfs.model.constants import PAGE_SIZE
 from epcfs.model.invariants import check_invariants
 from epcfs.protocol import OPS, U64_MAX, decode
 from epcfs.service.complaints import COMPLAINT_INTERVAL
-from epcfs.service.enclave_server import RETRY_MAX
+from epcfs.service.steps import WAIT_MAX
 from tests.service.test_enclave_server import Rig, call
 
 MIB = 1 << 20
@@ -182,8 +182,8 @@ async def test_fuzz_keeps_serving_and_consistent(tmp_path, caplog, autojump):
             await trio.sleep(0.05)  # virtual time passes between connections
             sock.close()
             # A request in progress notices the hang-up at its next step (a waiting
-            # fault: within RETRY_MAX); then everything the connection held is freed.
-            with trio.move_on_after(2 * RETRY_MAX):
+            # fault: within WAIT_MAX); then everything the connection held is freed.
+            with trio.move_on_after(2 * WAIT_MAX):
                 while rig.h.root.misc.res["sgx_epc"].usage:
                     await trio.sleep(0.01)
             assert rig.h.root.misc.res["sgx_epc"].usage == 0, "hang-up left pages"
