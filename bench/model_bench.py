@@ -101,7 +101,7 @@ def one_load(capacity: int, limited: bool) -> dict:
 
 def load_table(capacities: list[int]) -> None:
     print("oversubscribed enclave load (heap = C, one ADD_PAGES call), fresh process each")
-    print(f"{'C':>6} {'EPC limit':>10} {'time':>10} {'EADD':>10} {'EWB':>10} {'peak RSS':>9}")
+    print(f"{'C':>6} {'EPC limit':>10} {'time':>11} {'EADD':>10} {'EWB':>10} {'peak RSS':>9}")
     base = {}
     for capacity in capacities:
         for limited in (False, True):
@@ -246,7 +246,7 @@ def remove_phases(sgx: Sgx, encl, heap: int, budget: float,
 def remove_table(capacities: list[int], budget: float) -> None:
     print("\nunclobbered_vdso_oversubscribed_remove and a touch loop, unpaced, per kind "
           f"(~: projected after {budget:g} s)")
-    print(f"{'C':>6} {'kind':>9} {'time':>10} {'page ops':>11} {'M ops/s':>8} {'vs 128M':>8}")
+    print(f"{'C':>6} {'kind':>9} {'time':>11} {'page ops':>11} {'M ops/s':>8} {'vs 128M':>8}")
     base: dict[str, float] = {}
     for capacity in capacities:
         for kind, (seconds, ops, finished) in remove_test(capacity, budget).items():
@@ -255,7 +255,7 @@ def remove_table(capacities: list[int], budget: float) -> None:
             rate = ops / seconds if finished else float("nan")
             if not finished:  # the rate so far: ops happened within `budget` seconds
                 rate = ops / budget
-            print(f"{human(capacity):>6} {kind:>9} {mark}{seconds:>8.2f}s {ops:>11} "
+            print(f"{human(capacity):>6} {kind:>9} {mark}{seconds * 1e3:>8.1f}ms {ops:>11} "
                   f"{rate / 1e6:>8.2f} {seconds / base[kind]:>7.1f}x")
 
 

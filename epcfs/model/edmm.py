@@ -121,11 +121,9 @@ class Edmm:
             return 0
         # Page p sees free_total - p free pages and usage + p at every level: both must
         # stay clear of direct reclaim's triggers, and every charge must fit.
-        cap = self.sgx.h.misc.capacity[SGX_EPC] // PAGE_SIZE
         m = min(most, self.sgx.epc.free_total - SGX_NR_LOW_PAGES + 1,
                 reclaim_threshold(css) - css.res[SGX_EPC].usage // PAGE_SIZE,
-                *(min(level.res[SGX_EPC].max // PAGE_SIZE, cap)
-                  - level.res[SGX_EPC].usage // PAGE_SIZE for level in css.ancestors()))
+                self.sgx.h.misc.headroom(SGX_EPC, css) // PAGE_SIZE)
         if m <= 0:
             return 0
         self.sgx.eldu_run(encl, pid, j, m, pref)

@@ -104,6 +104,13 @@ class Misc:
         for level in css.ancestors():
             level.res[name].usage += amount
 
+    def headroom(self, name: str, css: MiscCss) -> int:
+        """How much more css could be charged before a level's max or the capacity
+        refuses (negative if one already is over)."""
+        capacity = self.capacity[name]
+        return min(min(level.res[name].max, capacity) - level.res[name].usage
+                   for level in css.ancestors())
+
     def refusing_level(self, name: str, css: MiscCss, amount: int) -> MiscCss | None:
         """The level at which charging `amount` to css would fail (usage over its max or
         over the capacity), nearest first; None if it fits everywhere."""

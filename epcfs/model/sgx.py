@@ -310,13 +310,19 @@ class Sgx:
         that gets it. A fault answered RETRY waits (WAIT) and faults again; Blocked
         (the synchronous driver alone) carries the pages done as `count`.
 
-        With the reclaimers beside it (RECLAIMERS) and nothing else, whole cycles of
-        faults that wait and the rounds that let them go on are one step (conveyor.py)."""
+        Faults on an evicted run whose no-reclaim allocations all succeed go in one step
+        (at most ADD_CHUNK pages unless the driver runs the access alone or with the
+        reclaimers only). With the reclaimers beside it (RECLAIMERS) and nothing else,
+        whole cycles of faults that wait and the rounds that let them go on are one step
+        (conveyor.py)."""
         token = yield
         pref = self.epc.preference(node)
         i, end = first, first + count
         while i < end:
             n = self.touch_resident(encl, i, end - i)
+            if not n and self.bulk:
+                n = self._fault_run(encl, pid, i, end - i if token is ALONE or
+                                    token is RECLAIMERS else min(end - i, ADD_CHUNK), pref)
             if not n:
                 outcome = self.fault(encl, pid, i, node)
                 if outcome is Fault.SIGBUS:
@@ -353,17 +359,33 @@ class Sgx:
         run.node, run.css, run.young = nid, css, young
         self.reclaim.lru_append(run)
 
+    def _fault_run(self, encl: Enclave, pid: int, first: int, most: int,
+                   pref: list[int]) -> int:
+        """Faults on the evicted pages from `first` (at most `most`, within one run) as
+        far as their no-reclaim allocations all succeed, in one go: each loaded young,
+        as fault() would. Returns how many (0: the page needs fault())."""
+        run = encl.pages.get(first)
+        if run is None or run.state is not RunState.EVICTED or encl.secs_css is None:
+            return 0
+        css = self.h.misc_of(pid)
+        m = min(most, run.end - first, self.epc.free_total,
+                self.h.misc.headroom(SGX_EPC, css) // PAGE_SIZE)
+        if m > 0:
+            self.eldu_run(encl, pid, first, m, pref, young=True)
+        return max(m, 0)
+
     def eldu_run(self, encl: Enclave, pid: int, first: int, count: int,
-                 pref: list[int]) -> None:
+                 pref: list[int], young: bool = False) -> None:
         """ELDU `count` evicted pages from `first`, all of one evicted run, as `count`
-        no-reclaim loads in index order would (each old, onto the LRU tail), in one go.
+        no-reclaim loads in index order would (each onto the LRU tail, old unless
+        `young`: loaded by faults), in one go.
         The caller guarantees what makes that exact: the SECS is resident, every charge
         fits under every limit and `count` pages are free (no allocation fails). Wakes
         ksgxd if some allocation left free pages low while something was reclaimable."""
         css = self.h.misc_of(pid)
         lru_was_empty = not self.reclaim.can_reclaim_global()
         self.h.misc.try_charge(SGX_EPC, css, count * PAGE_SIZE)
-        memcg = self.load_run(encl, first, count, css, self.epc.take(pref, count), False)
+        memcg = self.load_run(encl, first, count, css, self.epc.take(pref, count), young)
         self.h.mem.memory_uncharge(memcg, count, encl.owner)
         for mc, n in encl.pcmd_drop(encl.pcmd_emptied(first, first + count)):
             self.h.mem.memory_uncharge(mc, n, encl.owner)

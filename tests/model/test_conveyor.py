@@ -55,7 +55,7 @@ setups = st.fixed_dictionaries({
 })
 
 op = st.one_of(
-    st.tuples(st.just("touch"), st.floats(0, 1), st.floats(0, 1)),
+    st.tuples(st.sampled_from(["touch", "touch alone"]), st.floats(0, 1), st.floats(0, 1)),
     st.tuples(st.sampled_from(["trim", "restrict", "tcs", "remove"]), st.floats(0, 1),
               st.floats(0, 1)),
     st.tuples(st.sampled_from(["accept", "trim+accept"]), st.floats(0, 1), st.floats(0, 1)),
@@ -109,6 +109,8 @@ def execute(setup: dict, program: list, bulk: bool):
         try:
             if kind == "touch":
                 result = run(sgx.touch.steps(encl, PID, lo, count), sgx.reclaim.catch_up)
+            elif kind == "touch alone":  # Blocked at the first fault that must wait
+                result = sgx.touch(encl, PID, lo, count)
             elif kind == "accept":
                 result = sgx.edmm.accept(encl, lo, count)
             elif kind == "trim+accept":
