@@ -23,7 +23,8 @@ the state guarantees that every cycle is alike (Conveyor.cycles checks):
   LRU before the step; enough children stay resident that its SECS never follows them;
 - the pages to load are one evicted run, backed by the memcg the write-back charges
   (the reclaiming task's for DIRECT, the enclave owner's for KSGXD) with room for the
-  highest point of every charge, and no PCMD page serves both sides;
+  highest point of every charge; a PCMD page serving both sides is written back to
+  no later than its last load (Conveyor._first_unlike);
 - the loader's cgroup is not near its limit (its own reclaim stays idle) and the SECS
   is resident.
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import errno
 from collections import Counter
+from collections.abc import Callable
 from enum import Enum
 
 from .alloc import Allocator
@@ -321,8 +322,8 @@ class Sgx:
         while i < end:
             n = self.touch_resident(encl, i, end - i)
             if not n and self.bulk:
-                n = self._fault_run(encl, pid, i, end - i if token is ALONE or
-                                    token is RECLAIMERS else min(end - i, ADD_CHUNK), pref)
+                n = self._fault_run(encl, pid, i, min(end - i, ADD_CHUNK) if token is None
+                                    else end - i, pref)
             if not n:
                 outcome = self.fault(encl, pid, i, node)
                 if outcome is Fault.SIGBUS:
@@ -358,6 +359,26 @@ class Sgx:
         encl.child_loaded()
         run.node, run.css, run.young = nid, css, young
         self.reclaim.lru_append(run)
+
+    @operation
+    def faults(self, handler: Callable[..., Fault], target: Enclave | Vepc, pid: int,
+               first: int, count: int) -> Steps[Fault]:
+        """Accesses to `count` pages of `target` from `first`, in order, each through
+        `handler` (eaug, vepc_fault) as a step, waiting (WAIT) and faulting again while
+        it answers RETRY. Returns Fault.OK, or Fault.SIGBUS at the first page that gets
+        it; Blocked carries the pages done as `count`."""
+        yield
+        for i in range(first, first + count):
+            while (outcome := handler(target, pid, i)) is Fault.RETRY:
+                try:
+                    yield WAIT
+                except Blocked as e:
+                    e.count = i - first
+                    raise
+            if outcome is Fault.SIGBUS:
+                return outcome
+            yield
+        return Fault.OK
 
     def _fault_run(self, encl: Enclave, pid: int, first: int, most: int,
                    pref: list[int]) -> int:

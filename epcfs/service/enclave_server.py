@@ -28,7 +28,7 @@ from ..model.errors import KernelError
 from ..model.sgx import Fault, Sgx
 from ..protocol import MAX_MESSAGE, Malformed, check, decode, encode
 from .complaints import Complaints
-from .steps import WAIT_MAX, WAIT_TICK, Stepper
+from .steps import Stepper
 
 log = logging.getLogger(__name__)
 
@@ -150,28 +150,12 @@ class EnclaveServer:
         return await self.steps.drive(name, steps, css=self.sgx.h.misc_of(conn.pid),
                                       pid=conn.pid, alive=alive)
 
-    async def touch_in(self, conn: Connection, encl: Enclave, first: int,
-                       count: int) -> dict | None:
-        """The enclave accesses `count` pages from `first` (Sgx.touch: runs of resident
-        pages a step each, every other page through the fault handler, waiting while it
-        says RETRY). Returns a SIGBUS reply if the kernel would have sent one."""
-        outcome = await self.operation(conn, "touch", self.sgx.touch.steps(
-            encl, conn.pid, first, count))
+    async def access(self, conn: Connection, name: str, steps: Steps) -> dict | None:
+        """An access operation (Sgx.touch, Sgx.faults) driven to its end: a fault that
+        gets RETRY waits, backing off (Stepper.drive). Returns a SIGBUS reply if the
+        kernel would have sent one."""
+        outcome = await self.operation(conn, name, steps)
         return {"signal": "SIGBUS"} if outcome is Fault.SIGBUS else None
-
-    async def fault_in(self, conn: Connection, fn: Callable, encl, first: int,
-                       count: int) -> dict | None:
-        """Accesses to `count` pages: each retried while the fault handler says RETRY,
-        backing off from WAIT_TICK to WAIT_MAX. Returns a SIGBUS reply if the kernel
-        would have sent one."""
-        for i in range(first, first + count):
-            wait = WAIT_TICK
-            while (outcome := await self.step(conn, fn, encl, conn.pid, i)) is Fault.RETRY:
-                await trio.sleep(wait)
-                wait = min(2 * wait, WAIT_MAX)
-            if outcome is Fault.SIGBUS:
-                return {"signal": "SIGBUS"}
-        return None
 
 
 def _enclave(conn: Connection) -> Enclave:
@@ -209,14 +193,14 @@ async def _init(srv: EnclaveServer, conn: Connection, req: dict) -> dict:
 
 async def _touch(srv: EnclaveServer, conn: Connection, req: dict) -> dict:
     encl = _enclave(conn)
-    return await srv.touch_in(conn, encl, int(req["offset"]), int(req["count"])) or {
-        "ok": True}
+    return await srv.access(conn, "touch", srv.sgx.touch.steps(
+        encl, conn.pid, int(req["offset"]), int(req["count"]))) or {"ok": True}
 
 
 async def _augment(srv: EnclaveServer, conn: Connection, req: dict) -> dict:
     encl = _enclave(conn)
-    return await srv.fault_in(conn, srv.sgx.eaug, encl, int(req["offset"]),
-                              int(req["count"])) or {"ok": True}
+    return await srv.access(conn, "augment", srv.sgx.faults.steps(
+        srv.sgx.eaug, encl, conn.pid, int(req["offset"]), int(req["count"]))) or {"ok": True}
 
 
 def _edmm(method: str, *extra: str) -> Handler:
@@ -240,7 +224,8 @@ async def _accept(srv: EnclaveServer, conn: Connection, req: dict) -> dict:
     accepted, a run at a time."""
     encl = _enclave(conn)
     first, count = int(req["offset"]), int(req["count"])
-    if bus := await srv.touch_in(conn, encl, first, count):
+    if bus := await srv.access(conn, "touch", srv.sgx.touch.steps(encl, conn.pid, first,
+                                                                   count)):
         return bus
     await srv.step(conn, srv.sgx.edmm.accept, encl, first, count)
     return {"ok": True, "count": count}
@@ -250,8 +235,8 @@ async def _vepc(srv: EnclaveServer, conn: Connection, req: dict) -> dict:
     if conn.vepc is None:
         conn.vepc = srv.sgx.create_vepc(conn.pid)
     start = conn.vepc.nr_pages
-    return await srv.fault_in(conn, srv.sgx.vepc_fault, conn.vepc, start,
-                              int(req["count"])) or {"ok": True}
+    return await srv.access(conn, "vepc", srv.sgx.faults.steps(
+        srv.sgx.vepc_fault, conn.vepc, conn.pid, start, int(req["count"]))) or {"ok": True}
 
 
 async def _declare(srv: EnclaveServer, conn: Connection, req: dict) -> dict:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from epcfs.model import Cgroup, Fault, Hierarchy, Sgx
+from collections.abc import Callable
+
+from epcfs.model import Blocked, Cgroup, Fault, Hierarchy, KernelError, Sgx
 from epcfs.model.constants import PAGE_SIZE, SGX_EPC
 
 MiB = 1 << 20
@@ -68,3 +70,14 @@ def full_epc_with_one_reclaimable_page(h, sgx, pid):
     assert sgx.free_pages == 0 and sgx.lru_pages(h.root.misc) == 1
     assert not sgx.reclaim.take_ksgxd_wakeup()
     return encl, vepc
+
+
+def outcome(call: Callable[[], object]) -> object:
+    """What a model call answered, as comparable data: its result, or the error (errno
+    and pages done) or Blocked (pages done) it raised."""
+    try:
+        return call()
+    except KernelError as e:
+        return ("error", e.errno, e.count)
+    except Blocked as e:
+        return ("blocked", e.count)

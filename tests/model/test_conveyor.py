@@ -12,16 +12,18 @@ folds do happen on the benchmark's shapes.
 from __future__ import annotations
 
 import os
+from functools import partial
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from epcfs.model import Blocked, Hierarchy, KernelError, Sgx, SgxPageType
+from epcfs.model import Hierarchy, Sgx, SgxPageType
 from epcfs.model.constants import PAGE_SIZE, PCMDS_PER_PAGE, SGX_EPC
 from epcfs.model.conveyor import Conveyor, highest
 from epcfs.model.engine import run
 from epcfs.model.invariants import check_invariants
 
+from .helpers import outcome
 from .snapshot import snapshot
 
 KiB = 1 << 10
@@ -92,45 +94,31 @@ def execute(setup: dict, program: list, bulk: bool):
     if setup["other"]:
         other = sgx.create(OTHER, 64 * PAGE_SIZE)
         sgx.add_pages(other, OTHER, 0, 40, False)
-    results = []
-    try:
-        sgx.add_pages(encl, PID, 0, first, True)
-        sgx.add_pages(encl, PID, first, heap, False)
-    except (KernelError, Blocked) as e:
-        results.append(("build", type(e).__name__, getattr(e, "errno", None), e.count))
+    results = [outcome(lambda: sgx.add_pages(encl, PID, 0, first, True)),
+               outcome(lambda: sgx.add_pages(encl, PID, first, heap, False))]
     if setup["init"]:
         sgx.init(encl)
     check_invariants(sgx)
     yield results, snapshot(sgx)
+    edmm = sgx.edmm
+    trim, tcs = SgxPageType.TRIM, SgxPageType.TCS
+    calls = {  # each called with (first page, count)
+        "touch": lambda i, n: run(sgx.touch.steps(encl, PID, i, n), sgx.reclaim.catch_up),
+        "touch alone": lambda i, n: sgx.touch(encl, PID, i, n),  # Blocked at a wait
+        "accept": lambda i, n: edmm.accept(encl, i, n),
+        "trim+accept": lambda i, n: (edmm.modify_types(encl, PID, i, n, trim),
+                                     edmm.accept(encl, i, n)),
+        "ksgxd": lambda i, n: sgx.reclaim.ksgxd().scanned,
+        "move": lambda i, n: h.move(PID, spare if h.cgroup_of(PID) is not spare else where),
+        "restrict": lambda i, n: edmm.restrict_permissions(encl, PID, i, n),
+        "remove": lambda i, n: edmm.remove_pages(encl, PID, i, n),
+        "trim": lambda i, n: edmm.modify_types(encl, PID, i, n, trim),
+        "tcs": lambda i, n: edmm.modify_types(encl, PID, i, n, tcs),
+    }
     for kind, a, b in program:
         lo = first + int(a * (heap - 1))
         count = max(1, int(b * (first + heap - lo)))
-        result = None
-        try:
-            if kind == "touch":
-                result = run(sgx.touch.steps(encl, PID, lo, count), sgx.reclaim.catch_up)
-            elif kind == "touch alone":  # Blocked at the first fault that must wait
-                result = sgx.touch(encl, PID, lo, count)
-            elif kind == "accept":
-                result = sgx.edmm.accept(encl, lo, count)
-            elif kind == "trim+accept":
-                result = sgx.edmm.modify_types(encl, PID, lo, count, SgxPageType.TRIM)
-                result = (result, sgx.edmm.accept(encl, lo, count))
-            elif kind == "ksgxd":
-                result = sgx.reclaim.ksgxd().scanned
-            elif kind == "move":
-                h.move(PID, spare if h.cgroup_of(PID) is not spare else where)
-            elif kind == "restrict":
-                result = sgx.edmm.restrict_permissions(encl, PID, lo, count)
-            elif kind == "remove":
-                result = sgx.edmm.remove_pages(encl, PID, lo, count)
-            else:
-                ptype = SgxPageType.TRIM if kind == "trim" else SgxPageType.TCS
-                result = sgx.edmm.modify_types(encl, PID, lo, count, ptype)
-        except KernelError as e:
-            result = ("error", e.errno, e.count)
-        except Blocked as e:
-            result = ("blocked", e.count)
+        result = outcome(partial(calls[kind], lo, count))
         check_invariants(sgx)
         yield result, snapshot(sgx)
 
